@@ -1,0 +1,18 @@
+"""Shared test set-up: offline, a per-session vlsafe cache, few threads."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF dir, dequantised once into the vlsafe cache (VLSAFE_CACHE or ~/.cache/vlsafe)."""
+    from vlsafe import assets
+
+    return assets.llm_dir("smollm2-135m-instruct")
