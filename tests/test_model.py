@@ -192,3 +192,30 @@ def test_existing_output_and_a_tower_that_does_not_fit(pico_dir, images, tmp_pat
     assert main(["chat", "--model", str(bad), "--prompt", "Colour?", "--image", images["red"],
                  "--max-new-tokens", "2"]) == 2
     assert "projector expects" in capsys.readouterr().err
+
+
+def test_auto_classes_load_a_vlm_directory(pico_dir):
+    from transformers import AutoModelForCausalLM
+
+    import vlsafe.model  # noqa: F401  (registers the VLM)
+
+    model = AutoModelForCausalLM.from_pretrained(pico_dir)
+    assert type(model).__name__ == "VisionLanguageModel"
+
+
+def test_config_overrides_and_bad_yaml(tmp_path):
+    from vlsafe.config import BuildConfig, load_config
+    from vlsafe.errors import VlsafeError
+
+    path = tmp_path / "build.yaml"
+    path.write_text("llm: pico\ntower: pico\nseed: 1\n")
+    config = load_config(BuildConfig, path, ["seed=7", "projector=linear"])
+    assert (config.seed, config.projector, config.llm) == (7, "linear", "pico")
+    path.write_text("llm: pico\ntower: pico\nsede: 1\n")
+    with pytest.raises(VlsafeError, match="sede"):
+        load_config(BuildConfig, path)
+    path.write_text("llm: [pico\n")
+    with pytest.raises(VlsafeError, match="not valid YAML"):
+        load_config(BuildConfig, path)
+    with pytest.raises(VlsafeError, match="key=value"):
+        load_config(BuildConfig, None, ["seed"], llm="pico", tower="pico")

@@ -98,17 +98,19 @@ def build(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off unless you ask)."),
 ):
     """Compose a VLM (tower + projector + LLM, the LLaVA-1.5 recipe) and save it as an HF-style directory."""
+    from vlsafe.config import BuildConfig, validate
     from vlsafe.model import checkpoint
 
-    args = dict(llm=llm, tower=tower, projector=projector, feature_layer=feature_layer,
-                select_strategy=select_strategy, seed=seed, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = validate(BuildConfig, dict(llm=llm, tower=tower, projector=projector, feature_layer=feature_layer,
+                                        select_strategy=select_strategy, seed=seed, dtype=dtype,
+                                        trust_remote_code=trust_remote_code), "build")
     if out.exists():
         raise VlsafeError(f"{out}: output path exists (choose a new one)")
-    bundle = checkpoint.build_vlm(**{**args, "dtype": checkpoint.parse_dtype(dtype)})
-    checkpoint.save(bundle, out, provenance={"command": "build", **args})
-    config = bundle.model.config
-    typer.echo(f"wrote {out}: {config.num_image_tokens} image tokens of {config.vision_hidden_size} -> "
-               f"{config.text_config.hidden_size}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters")
+    bundle = checkpoint.build_vlm(**{**config.model_dump(), "dtype": checkpoint.parse_dtype(dtype)})
+    checkpoint.save(bundle, out, provenance={"command": "build", **config.model_dump()})
+    vlm = bundle.model.config
+    typer.echo(f"wrote {out}: {vlm.num_image_tokens} image tokens of {vlm.vision_hidden_size} -> "
+               f"{vlm.text_config.hidden_size}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters")
 
 
 @app.command("export-hf")
@@ -182,11 +184,161 @@ def chat(
     for p, reply in zip(prompt, generate(bundle, prompts, Decoding(max_new_tokens=max_new_tokens), system=system)):
         typer.echo(f"> {p}\n{reply}\n")
 
+# ---------------------------------------------------------------------------------------------------------- study
+
+
+@app.command()
+def study(
+    out: Path = typer.Option(Path("runs/study"), help="Output directory (a new one; a timestamp is added if it exists)."),
+    llm: str = typer.Option("smollm2-135m-instruct", help="The LLM to study."),
+    tower: str = typer.Option("efficientnet-lite0", help="The vision tower to attach."),
+    n_harmful: int = typer.Option(40, help="Harmful items per source (HarmBench test, StrongREJECT)."),
+    n_benign: int = typer.Option(40, help="Benign-but-scary and helpfulness items each."),
+    max_new_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+):
+    """The main job on the offline default: safety, over-refusal and helpfulness of the LLM and its VLM@0."""
+    import time
+
+    from vlsafe.study.baseline import BaselineConfig, run_baseline
+
+    if out.exists():
+        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config = BaselineConfig(llm=llm, tower=tower, n_harmful=n_harmful, n_benign=n_benign,
+                            max_new_tokens=max_new_tokens, seed=seed)
+    run_baseline(out, config, log=typer.echo)
+    typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
+
+
+@app.command()
+def judge(
+    input: Path = typer.Option(..., "--input", help="JSONL rows with 'prompt' and 'response'."),
+    judge_name: str = typer.Option("default", "--judge", help="Judge name (see vlsafe/eval/judges.py)."),
+    output: Path = typer.Option(..., "--output", help="JSONL out: the rows plus 'refused' and 'score'."),
+):
+    """Judge responses: adds `refused` (bool) and `score` to each row."""
+    import json
+
+    from vlsafe.eval.judges import judge_rows
+
+    if not input.is_file():
+        raise VlsafeError(f"{input}: file not found")
+    if output.exists():
+        raise VlsafeError(f"{output}: output path exists (choose a new one)")
+    rows = []
+    for n, line in enumerate(input.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise VlsafeError(f"{input}: line {n}: not valid JSON ({err.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise VlsafeError(f"{input}: line {n}: not a JSON object")
+    judged = judge_rows(rows, judge_name, where=str(input))
+    tmp = output.with_name(f".{output.name}.partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in judged))
+    tmp.replace(output)
+    refused = sum(r["refused"] for r in judged)
+    typer.echo(f"{len(judged)} rows judged by {judge_name}: {refused} refusals -> {output}")
+
+
 # ---------------------------------------------------------------------------------------------------------- data
 # (section: data)
+data_app = typer.Typer(help="Datasets: the built-in corpus, and the external formats converted into vlsafe records.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(path: str = typer.Argument(..., help="A file or folder in the format's published layout."),
+                 format_name: str = typer.Option(..., "--format", help="Format name (see vlsafe.data.formats)."),
+                 image_root: Optional[Path] = typer.Option(None, "--image-root",
+                                                           help="Where images resolve (default: the file's folder)."),
+                 ) -> None:
+    """Validate every record of PATH and print a JSON summary: "records" (count), labels, categories."""
+    from vlsafe.data import formats
+
+    _echo_json(formats.inspect(path, format_name, image_root=image_root))
+
+
+@data_app.command("synth")
+def data_synth(out: Path = typer.Option(..., "--out", help="A new (or empty) directory for the corpus."),
+               n: int = typer.Option(2000, "--n", help="Training images, each with a caption and a conversation."),
+               seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
+               ) -> None:
+    """Write the built-in benign image-text corpus: stage-1 captions, stage-2 conversations, held-out eval."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from vlsafe.data.synthetic import write_corpus
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:  # stdout stays clean JSON
+        task = bar.add_task("drawing images", total=None)
+        manifest = write_corpus(out, n=n, seed=seed,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _echo_json({"out": str(out), "seed": seed, **manifest["counts"]})
+
 
 # ---------------------------------------------------------------------------------------------------------- merge
 # (section: merge)
+class _MergeGroup(typer.core.TyperGroup):
+    """`vlsafe merge CONFIG.yaml --out DIR` merges; `vlsafe merge sweep ...` is the one named subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+merge_app = typer.Typer(cls=_MergeGroup, no_args_is_help=True,
+                        help="Merge weights (mergekit-style YAML; VLM-aware): `vlsafe merge CONFIG.yaml --out DIR`.")
+app.add_typer(merge_app, name="merge")
+
+
+@merge_app.command("run", hidden=True)
+def merge_run(config: Path = typer.Argument(..., help="mergekit-style merge YAML"),
+              out: Path = typer.Option(..., "--out", help="output directory (must not exist)"),
+              shard_size: str = typer.Option("5GB", "--shard-size", help="largest output shard, e.g. 5GB")) -> None:
+    """Merge the models of CONFIG into OUT (weights, manifest, model card, base config and tokenizer)."""
+    from vlsafe.merge.engine import merge
+
+    _echo_json(merge(config, out, shard_size=shard_size))
+
+
+@merge_app.command("sweep")
+def merge_sweep(sweep: Path = typer.Argument(..., help="sweep YAML: config + grid of dotted paths"),
+                out: Path = typer.Option(..., "--out", help="output directory (must not exist)"),
+                shard_size: str = typer.Option("5GB", "--shard-size")) -> None:
+    """One merged model per grid point plus sweep.json (not evaluated yet: evaluation is not wired in)."""
+    from vlsafe.merge.sweep import sweep as run_sweep
+
+    _echo_json(run_sweep(sweep, out, shard_size=shard_size))
+
+
+# `bench` is shared with the other benchmarks (eval, train): they add their commands to bench_app
+bench_app = typer.Typer(help="Performance benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("merge")
+def bench_merge(hidden: int = typer.Option(1024, "--hidden"), layers: int = typer.Option(8, "--layers"),
+                vocab: int = typer.Option(32000, "--vocab"),
+                methods: str = typer.Option("linear,task_arithmetic,ties", "--methods"),
+                repeat: int = typer.Option(1, "--repeat", min=1),
+                mergekit: Optional[str] = typer.Option(None, "--mergekit", help="path to mergekit-yaml"),
+                work: Optional[str] = typer.Option(None, "--work", help="scratch folder (default: system temp)"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """vlsafe vs mergekit on the same random plain-Llama checkpoints: wall time, peak RSS, output difference."""
+    from vlsafe.bench.merge import run as run_bench, table_rows
+
+    report = run_bench(hidden, layers, vocab, methods=tuple(m for m in methods.split(",") if m), repeat=repeat,
+                       mergekit=mergekit, work=work)
+    if as_json:
+        _echo_json(report)
+    else:
+        _print_table(f"merge: 3 x {report['inputs']['bytes_per_model'] / 1e6:.0f} MB Llama checkpoints",
+                     ["method", "vlsafe s", "mergekit s", "vlsafe MiB", "mergekit MiB", "max |diff|"],
+                     table_rows(report))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -210,3 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
