@@ -81,6 +81,12 @@ def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log
         llm_path = Path(llm.model.name_or_path)
         runs = [("llm", llm, "text"), ("vlm0", vlm, "text"), ("vlm0", vlm, "blank"), ("vlm0", vlm, "typo")]
         results, samples = {}, []
+        from rich.progress import Progress
+
+        total = sum(len(p) for name, p in sets.items() for _m, _b, c in runs if name == "harmful" or c != "typo")
+        progress = Progress(transient=True)
+        task = progress.add_task("generating", total=total)
+        progress.start()
         for model_name, bundle, condition in runs:
             started = time.time()
             key = f"{model_name}/{condition}"
@@ -89,7 +95,9 @@ def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log
                 if set_name != "harmful" and condition == "typo":
                     continue  # the typographic attack is defined for harmful requests
                 shown = benchmarks.expand(prompts, condition, image_dir)
-                responses = generate(bundle, shown, decoding, batch_size=config.batch_size)
+                progress.update(task, description=f"{model_name}/{condition}: {set_name}")
+                responses = generate(bundle, shown, decoding, batch_size=config.batch_size,
+                                     progress=lambda n: progress.advance(task, n))
                 flags = []
                 for prompt, response in zip(shown, responses):
                     verdict = judge.judge(prompt.meta.get("request", prompt.text), response)
@@ -108,7 +116,8 @@ def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log
                 row[metric] = rate(flags)
             row["seconds"] = round(time.time() - started, 1)
             results[key] = row
-            log(_line(key, row))
+            progress.console.print(_line(key, row)) if log is print else log(_line(key, row))
+        progress.stop()
         report = {
             "job": "baseline (VL adaptation's starting point: LLM vs VLM@0)",
             "config": config.__dict__,
