@@ -219,3 +219,14 @@ def test_config_overrides_and_bad_yaml(tmp_path):
         load_config(BuildConfig, path)
     with pytest.raises(VlsafeError, match="key=value"):
         load_config(BuildConfig, None, ["seed"], llm="pico", tower="pico")
+
+
+def test_truncation_never_cuts_through_an_image(pico_dir, images):
+    from vlsafe.errors import VlsafeError
+
+    bundle = checkpoint.load(pico_dir)
+    conv = Conversation(id="long", image=images["red"], turns=[
+        Turn(role="user", content="What colour?"), Turn(role="assistant", content="Red. " * 40)])
+    assert len(bundle.formatter(max_length=60).encode_conversation(conv).input_ids) == 60
+    with pytest.raises(VlsafeError, match="cuts through the image"):
+        bundle.formatter(max_length=25).encode_conversation(conv)

@@ -45,7 +45,7 @@ def generate(bundle, prompts: list[Prompt], decoding: Decoding = Decoding(), bat
             torch.manual_seed(generator_seed + start)
         with torch.inference_mode():
             seqs = model.generate(**batch, **decoding.kwargs(), eos_token_id=stop,
-                                  pad_token_id=fmt.tokenizer.pad_token_id or eos)
+                                  pad_token_id=eos if fmt.tokenizer.pad_token_id is None else fmt.tokenizer.pad_token_id)
         new = seqs[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             out[i] = bundle.tokenizer.decode(new[row], skip_special_tokens=True).strip()

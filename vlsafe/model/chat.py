@@ -122,9 +122,9 @@ class ChatFormatter:
         text, spans = self.assistant_spans(messages, conv.id)
         ids, labels = self._tokenize(text, spans)
         if len(ids) > self.max_length:
-            if conv.image is not None and ids[self.max_length - 1] == self.image_token_id:
-                raise VlsafeError(f"record {conv.id!r}: max_length {self.max_length} cuts through the image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if conv.image is not None and ids.count(self.image_token_id) != self.num_image_tokens:
+                raise VlsafeError(f"record {conv.id!r}: max_length {self.max_length} cuts through the image tokens")
         return Encoded(ids, labels, conv.image, spans, text)
 
     def encode_prompt(self, text: str, image: str | None = None, system: str | None = None,
