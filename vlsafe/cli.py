@@ -242,6 +242,21 @@ def judge(
     typer.echo(f"{len(judged)} rows judged by {judge_name}: {refused} refusals -> {output}")
 
 
+# ---------------------------------------------------------------------------------------------------------- train
+# (section: train)
+@app.command()
+def train(config: Path = typer.Argument(..., help="Training YAML (see configs/train/)."),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings over the YAML, e.g. lr=1e-4"),
+          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
+    """Train a stage (align | projector | full; later safety-sft | mixed | dpo); rerun the same to resume."""
+    from vlsafe.train.config import load_train_config
+    from vlsafe.train.engine import train as run_train
+
+    summary = run_train(load_train_config(config, overrides or []), show_progress=not no_progress)
+    if summary.pop("is_main", True):  # under `accelerate launch`, one summary, not one per process
+        _echo_json(summary)
+
+
 # ---------------------------------------------------------------------------------------------------------- data
 # (section: data)
 data_app = typer.Typer(help="Datasets: the built-in corpus, and the external formats converted into vlsafe records.",

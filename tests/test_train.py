@@ -1,0 +1,229 @@
+"""The training engine end to end through `vlsafe train`, on pico models and a hand-made LLaVA JSON set.
+
+Coloured squares drawn with Pillow: stage 1 learns captions ("A red square."), stage 2 answers questions about
+them. Asserted: each stage lowers its loss; each changes exactly the tensors it should (others bit-identical);
+an interrupted run resumes to the same weights as an uninterrupted one; two CPU processes give the weights one
+gives; LoRA is saved merged; bad input exits 2 and leaves no output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlsafe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+
+
+def _weights(run_or_model: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_or_model / "model.safetensors"))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _config(root: Path, name: str, **fields) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"warmup_ratio": 0.0, "seed": 0, **fields}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """VLM@0 (pico) and two LLaVA JSON files over six 32x32 squares (three colours, two sizes)."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("train")
+    assert main(["build", "--llm", "pico", "--tower", "pico", "--out", str(root / "vlm0")]) == 0
+    (root / "images").mkdir()
+    captions, instruct = [], []
+    for i, (colour, rgb) in enumerate([*COLOURS.items(), *COLOURS.items()]):
+        image = Image.new("RGB", (32, 32), (255, 255, 255))
+        side = 24 if i < 3 else 14
+        ImageDraw.Draw(image).rectangle([4, 4, 4 + side, 4 + side], fill=rgb)
+        image.save(root / "images" / f"{i}.png")
+        size = "large" if i < 3 else "small"
+        captions.append({"id": f"cap{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": f"A {size} {colour} square on a white background."}]})
+        instruct.append({"id": f"ins{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "What colour is the square?\n<image>"},
+            {"from": "gpt", "value": f"{colour.capitalize()}."},
+            {"from": "human", "value": "Is it large or small?"},
+            {"from": "gpt", "value": f"It is {size}."}]})
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "instruct.json").write_text(json.dumps(instruct))
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapted(work) -> tuple[Path, Path]:
+    """Stage 1 (projector) from VLM@0, then stage 2 (full, with accumulation) from stage 1's final model."""
+    stage1 = _config(work, "stage1", stage="projector", model=str(work / "vlm0"), data=str(work / "captions.json"),
+                     out=str(work / "s1"), lr=2e-2, batch_size=6, max_steps=8)
+    assert main(["train", str(stage1), "--no-progress"]) == 0
+    stage2 = _config(work, "stage2", stage="full", model=str(work / "s1" / "final"),
+                     data=str(work / "instruct.json"), out=str(work / "s2"), lr=3e-3, batch_size=6, grad_accum=2,
+                     max_steps=8)
+    assert main(["train", str(stage2), "--no-progress"]) == 0
+    return work / "s1", work / "s2"
+
+
+def test_each_stage_lowers_its_loss(adapted):
+    # stage 1 moves only 16 image-token embeddings into a frozen random LM: a small but certain drop (~0.05);
+    # stage 2 trains the LM itself (~0.8). The runs are seeded, so these numbers do not wander.
+    for run, drop in zip(adapted, (0.03, 0.4)):
+        losses = _losses(run)
+        assert len(losses) == 8
+        assert losses[-1] < losses[0] - drop, (run.name, losses)
+
+
+def test_each_stage_changes_exactly_its_parameters(work, adapted):
+    stage1, stage2 = adapted
+    before, after1, after2 = _weights(work / "vlm0"), _weights(stage1 / "final"), _weights(stage2 / "final")
+    assert set(before) == set(after1) == set(after2)
+    for name in before:
+        changed1 = not torch.equal(before[name], after1[name])
+        changed2 = not torch.equal(after1[name], after2[name])
+        assert changed1 == name.startswith("projector."), f"stage 1: {name}"
+        assert changed2 == name.startswith(("projector.", "language_model.")), f"stage 2: {name}"
+
+
+def test_run_records_config_checkpoints_and_logs(work, adapted):
+    _, stage2 = adapted
+    saved = yaml.safe_load((stage2 / "config.yaml").read_text())
+    assert saved["lr"] == 3e-3 and saved["provenance"]["data"][0]["records"] == 6
+    assert len(saved["provenance"]["data"][0]["sha256"]) == 64 and saved["provenance"]["versions"]["torch"]
+    rows = [json.loads(line) for line in (stage2 / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
+    assert list((stage2 / "tb").glob("events.out.tfevents.*"))
+    # the final model loads as a VLM and carries where it came from
+    meta = json.loads((stage2 / "final" / "vlsafe.json").read_text())
+    assert meta["provenance"]["stage"] == "full" and meta["provenance"]["steps"] == 8
+
+
+def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch):
+    fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=2,
+                  grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2)
+    straight = _config(work, "straight", out=str(work / "straight"), **fields)
+    assert main(["train", str(straight), "--no-progress"]) == 0
+
+    from vlsafe.train import checkpoints
+
+    real_save = checkpoints.save_training_state
+
+    def killed_at_step_6(accelerator, path):
+        if ".step-6.partial" in str(path):
+            raise KeyboardInterrupt  # half-way through writing the step-6 checkpoint: its model files are there
+        real_save(accelerator, path)
+
+    interrupted = _config(work, "interrupted", out=str(work / "interrupted"), **fields)
+    monkeypatch.setattr(checkpoints, "save_training_state", killed_at_step_6)
+    assert main(["train", str(interrupted), "--no-progress"]) == 130
+    monkeypatch.undo()
+    run = work / "interrupted"
+    assert (run / "checkpoints" / "step-3" / "trainer_state.json").is_file()
+    assert (run / "checkpoints" / ".step-6.partial" / "model.safetensors").is_file()
+    assert not (run / "checkpoints" / "step-6").exists() and not (run / "final").exists()
+
+    # a different config must not continue this run
+    assert main(["train", str(interrupted), "lr=1e-3", "--no-progress"]) == 2
+    assert main(["train", str(interrupted), "--no-progress"]) == 0
+    assert not (run / "checkpoints" / ".step-6.partial").exists()
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+    a, b = _weights(work / "straight" / "final"), _weights(run / "final")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert _losses(work / "straight") == pytest.approx(_losses(run), abs=1e-6)
+
+
+def test_lora_is_saved_as_plain_merged_weights(work):
+    config = _config(work, "lora", stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"),
+                     out=str(work / "lora"), lr=1e-2, batch_size=6, max_steps=2, save_every=2,
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    assert main(["train", str(config), "--no-progress"]) == 0
+    before, final = _weights(work / "vlm0"), _weights(work / "lora" / "final")
+    assert set(final) == set(before)  # no lora_A / lora_B / base_layer keys
+    for name in before:
+        adapted_layer = ".self_attn." in name or ".mlp." in name
+        trained = name.startswith("projector.") or (name.startswith("language_model.") and adapted_layer)
+        assert (not torch.equal(before[name], final[name])) == trained, name
+    # the step-2 checkpoint (merged without touching the model) equals PEFT's merge_and_unload bit for bit
+    checkpoint = _weights(work / "lora" / "checkpoints" / "step-2")
+    assert all(torch.equal(checkpoint[k], final[k]) for k in final)
+
+
+def test_two_cpu_processes_give_the_weights_of_one(work):
+    pytest.importorskip("accelerate")
+    fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=4,
+                  max_steps=3)
+    one = _config(work, "one", out=str(work / "one"), **fields)
+    two = _config(work, "two", out=str(work / "two"), **fields)
+    assert main(["train", str(one), "--no-progress"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "vlsafe.cli", "train",
+                           str(two), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    provenance = yaml.safe_load((work / "two" / "config.yaml").read_text())["provenance"]
+    assert provenance["processes"] == 2 and provenance["distributed_type"].endswith("MULTI_CPU")
+    assert json.loads(done.stdout)["steps"] == 3  # one summary, from the main process
+    a, b = _weights(work / "one" / "final"), _weights(work / "two" / "final")
+    # the same global batches and token-weighted loss: only the order of float sums differs
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lr=-1"], "lr"),
+    (["stage=bogus"], "stage"),
+    (["stage=dpo"], "not implemented yet"),
+    (["data=missing.json"], "not found"),
+    (["batch_size=5", "grad_accum=2"], "not divisible"),
+    (["lora={r: 4}", "stage=projector"], "LoRA"),
+    (["model=pico"], "VLM"),
+])
+def test_bad_input_exits_2_and_leaves_no_output(work, capsys, overrides, message):
+    config = _config(work, "bad", stage="projector", model=str(work / "vlm0"), data=str(work / "captions.json"),
+                     out=str(work / "bad-out"), lr=1e-3, batch_size=6, max_steps=1)
+    assert main(["train", str(config), *overrides, "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and message in error, error
+    assert not (work / "bad-out").exists()
+
+
+def test_align_trains_a_text_only_llm(work):
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+               for i, (q, a) in enumerate([("How do I boil an egg?", "Simmer it for eight minutes."),
+                                           ("Name a primary colour.", "Blue."),
+                                           ("What is two plus two?", "Four.")])]
+    (work / "text.json").write_text(json.dumps(records))
+    config = _config(work, "align", stage="align", model="pico", data=str(work / "text.json"),
+                     out=str(work / "align"), lr=1e-2, batch_size=3, max_steps=4)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    losses = _losses(work / "align")
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert json.loads((work / "align" / "final" / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "train").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    from vlsafe.train.config import load_train_config
+
+    config = load_train_config(REPO / "configs" / "train" / name)
+    if name.startswith("llava15_7b"):
+        stage1 = name.endswith("stage1.yaml")
+        assert (config.stage, config.lr, config.batch_size) == (("projector", 1e-3, 256) if stage1 else
+                                                                ("full", 2e-5, 128))
+        assert (config.epochs, config.max_steps, config.warmup_ratio, config.weight_decay, config.max_length,
+                config.dtype) == (1, None, 0.03, 0.0, 2048, "bf16")

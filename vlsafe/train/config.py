@@ -1,0 +1,98 @@
+"""`TrainConfig`: everything one training run needs, validated once from YAML (+ `key=value` overrides).
+
+The same config runs on one CPU process, on several (gloo) and on GPUs under DDP / FSDP / DeepSpeed: how many
+processes there are is accelerate's business (`accelerate launch --config_file configs/accelerate/...`), and
+`batch_size` is the global batch per optimizer step, so a config means the same optimisation at every scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vlsafe.config import Strict, load_config
+
+STAGES = ("align", "projector", "full", "safety-sft", "mixed", "dpo")
+# the language model's linear layers in Llama / SmolLM2 / Mistral / Qwen2 naming: what LLaVA's LoRA recipe targets
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DataSpec(Strict):
+    """One training file in a format of `vlsafe.data.formats` whose records are conversations (llava, vlguard)."""
+
+    path: str
+    format: str = "llava"
+    image_root: str | None = None  # where relative image paths resolve (default: the file's folder)
+    skip_bad: bool = False  # leave out (and count) bad records instead of failing on the first
+
+
+class LoraSpec(Strict):
+    """LoRA on the language model's linear layers; merged back into plain weights in every saved checkpoint."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
+class TrainConfig(Strict):
+    stage: Literal["align", "projector", "full", "safety-sft", "mixed", "dpo"]
+    model: str  # a vlsafe VLM directory (projector, full) or any LLM spec (align): preset, HF dir, hub id
+    data: list[DataSpec] = Field(min_length=1)
+    out: str  # a new directory, or the directory of an interrupted run of this same config (resumed)
+
+    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)  # global: examples per optimizer step over all processes and accumulation
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step on each process
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # if set, wins over epochs (the data repeats, reshuffled per epoch)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    schedule: Literal["cosine"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_length: int = Field(2048, gt=0)
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = mixed precision: fp32 master weights, bf16 compute
+    gradient_checkpointing: bool = False
+
+    save_every: int = Field(0, ge=0)  # steps between kept checkpoints (the safety-dynamics curve); 0 = final only
+    log_every: int = Field(1, gt=0)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers that read images and tokenize
+
+    lora: LoraSpec | None = None
+    unfreeze_tower: bool = False
+
+    # written by the engine into out/config.yaml (data hashes, model hash, versions); ignored when read back, so
+    # `vlsafe train out/config.yaml` reruns (or resumes) the same run
+    provenance: dict = Field(default_factory=dict)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        # `data: file.json` and `data: {path: ...}` are the common single-file cases
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            value = [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.stage == "projector" and self.lora is not None:
+            raise ValueError("stage 'projector' trains the projector in full; LoRA applies to the LM (stage 'full')")
+        if self.stage == "projector" and self.unfreeze_tower:
+            raise ValueError("stage 'projector' keeps the tower frozen; unfreeze_tower is for stage 'full'")
+        if self.stage == "align" and self.unfreeze_tower:
+            raise ValueError("stage 'align' is text-only: there is no tower to unfreeze")
+        return self
+
+    def resolved(self) -> dict:
+        """The config as it defines the run: what a resume must match (provenance is a record, not a setting)."""
+        return self.model_dump(mode="json", exclude={"provenance"})
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, list(overrides))

@@ -1,0 +1,161 @@
+"""Training stages: each is its data, its trainable parameters and its loss, run by the one engine (engine.py).
+
+    align      text LLM     every LM weight (or LoRA on the LM)          SFT loss on assistant turns
+    projector  VLM          projector only (LLaVA stage 1)               SFT loss on assistant turns
+    full       VLM          projector + LM (+ tower if unfreeze_tower);  SFT loss on assistant turns
+                            the LM in full or by LoRA (LLaVA stage 2)
+    safety-sft, mixed, dpo  issue 5: new data and (for dpo) a new loss, same engine
+
+"Trainable" is decided by parameter-name prefix on the model vlsafe saves (`projector.`, `language_model.`,
+`vision_tower.`), so what a stage may change is visible here and checked per tensor by the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vlsafe.errors import VlsafeError
+from vlsafe.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs_vlm: bool  # True: a vlsafe VLM directory; False: a text-only LLM
+    trainable: tuple[str, ...]  # parameter-name prefixes trained in full ("" = everything)
+    lora_allowed: bool
+    loss: Callable  # (model, batch, num_items) -> scalar loss: the sum over this batch / num_items
+
+
+def sft_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+    """The model's own causal-LM loss over the assistant-only labels the chat formatter set.
+
+    `num_items` is the number of target tokens in the whole optimizer step (every micro-batch on every process):
+    the loss is a sum over this micro-batch divided by it, so each target token weighs the same however the
+    global batch is split into micro-batches and processes (a mean per micro-batch would weigh a token of a short
+    answer more than one of a long answer, and change with grad_accum).
+    """
+    return model(**batch, num_items_in_batch=num_items).loss
+
+
+STAGES: dict[str, Stage] = {
+    "align": Stage("align", needs_vlm=False, trainable=("",), lora_allowed=True, loss=sft_loss),
+    "projector": Stage("projector", needs_vlm=True, trainable=("projector.",), lora_allowed=False, loss=sft_loss),
+    "full": Stage("full", needs_vlm=True, trainable=("projector.", "language_model."), lora_allowed=True,
+                  loss=sft_loss),
+}
+PLANNED = {"safety-sft": "issue 5", "mixed": "issue 5", "dpo": "issue 5"}
+
+
+def get_stage(name: str) -> Stage:
+    if name in PLANNED:
+        raise VlsafeError(f"stage {name!r} not implemented yet ({PLANNED[name]}); "
+                          f"implemented: {', '.join(STAGES)}")
+    if name not in STAGES:
+        raise VlsafeError(f"unknown stage {name!r} (known: {', '.join([*STAGES, *PLANNED])})")
+    return STAGES[name]
+
+
+def check_model(stage: Stage, bundle, where: str) -> None:
+    if stage.needs_vlm and not bundle.is_vlm:
+        raise VlsafeError(f"{where}: stage {stage.name!r} needs a vlsafe VLM directory (`vlsafe build`), "
+                          "got a text-only LLM")
+    if not stage.needs_vlm and bundle.is_vlm:
+        raise VlsafeError(f"{where}: stage {stage.name!r} trains a text-only LLM, got a VLM directory")
+
+
+def trainable_prefixes(stage: Stage, config: TrainConfig) -> tuple[str, ...]:
+    prefixes = stage.trainable + (("vision_tower.",) if config.unfreeze_tower else ())
+    if config.lora is not None:
+        # under LoRA the LM's own weights stay frozen: only the adapters (and the non-LM prefixes) train
+        prefixes = tuple(p for p in prefixes if p not in ("", "language_model."))
+    return prefixes
+
+
+def prepare_model(model: torch.nn.Module, stage: Stage, config: TrainConfig) -> torch.nn.Module:
+    """Freezes what the stage does not train and adds LoRA adapters; returns the model to train.
+
+    With LoRA the result is a `peft.PeftModel` around the VLM (or LLM); `plain_model` gets the plain model back.
+    """
+    if config.lora is not None:
+        if not stage.lora_allowed:
+            raise VlsafeError(f"stage {stage.name!r} does not take LoRA")
+        model = _add_lora(model, config, is_vlm=stage.needs_vlm)
+    prefixes = trainable_prefixes(stage, config)
+    for name, param in _plain_named_parameters(model):
+        param.requires_grad_(name.startswith(prefixes) or (config.lora is not None and "lora_" in name))
+    # a frozen module computes the function it will be evaluated with: no dropout noise in what is not trained
+    model.train()
+    for prefix in ("vision_tower", "language_model", "projector"):
+        module = getattr(plain_model(model), prefix, None)
+        if module is not None and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not any(p.requires_grad for p in model.parameters()):
+        raise VlsafeError(f"stage {stage.name!r}: nothing to train in this model")
+    return model
+
+
+def _add_lora(model, config: TrainConfig, is_vlm: bool):
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(re.escape(m) for m in config.lora.target_modules)
+    scope = r"language_model\..*" if is_vlm else r".*"
+    # a regex, so that on a VLM only the LM's layers get adapters, never the tower's or the projector's
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=rf"^{scope}\.({names})$" if is_vlm else rf"^{scope}({names})$", bias="none")
+    peft_model = get_peft_model(model, lora)
+    if not any("lora_" in n for n, _ in peft_model.named_parameters()):
+        raise VlsafeError(f"lora.target_modules {config.lora.target_modules} match no layer of the model")
+    return peft_model
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def plain_model(model) -> torch.nn.Module:
+    """The VLM / LLM inside a PeftModel (with adapter layers still in it), or the model itself."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def _plain_named_parameters(model):
+    """Parameter names as saved checkpoints spell them, with LoRA's `.base_layer` wrapper removed."""
+    for name, param in plain_model(model).named_parameters():
+        yield name.replace(".base_layer.", "."), param
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """Plain weights of a LoRA-wrapped model, W + scale * B @ A per adapted layer, without touching the model.
+
+    Intermediate checkpoints need the merged weights while training goes on with the adapters; merging in place
+    and unmerging would leave W + d - d, which is not W in floating point, and break exact resumption. The sum is
+    the same operation PEFT's own merge does (`base_layer.weight.data += delta`), so the last checkpoint equals
+    the final model made by `merge_and_unload` bit for bit (tested).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = plain_model(model)
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name:
+            state[name.replace(".base_layer.", ".")] = tensor.detach()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                key = f"{name}.weight"
+                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    return state
+
+
+def describe_trainable(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trained, "total_params": total}
