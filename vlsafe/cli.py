@@ -39,7 +39,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for i, column in enumerate(columns):
         table.add_column(column, no_wrap=i == 0, overflow="fold")  # the first column is what users type
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(str(cell) for cell in row))
     Console().print(table)
 
 
@@ -354,6 +354,29 @@ def bench_merge(hidden: int = typer.Option(1024, "--hidden"), layers: int = type
         _print_table(f"merge: 3 x {report['inputs']['bytes_per_model'] / 1e6:.0f} MB Llama checkpoints",
                      ["method", "vlsafe s", "mergekit s", "vlsafe MiB", "mergekit MiB", "max |diff|"],
                      table_rows(report))
+
+
+@bench_app.command("train")
+def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
+                tower: str = typer.Option("efficientnet-lite0", "--tower"),
+                steps: int = typer.Option(4, "--steps", help="optimizer steps per side (the first is not timed)"),
+                batch_size: int = typer.Option(8, "--batch-size"),
+                max_length: int = typer.Option(512, "--max-length"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stage-2 tokens/s: vlsafe's engine vs a plain transformers.Trainer, same model, data and batch."""
+    from vlsafe.bench.train import run as run_bench
+
+    report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length)
+    if as_json:
+        _echo_json(report)
+    else:
+        ours, base = report["vlsafe"], report["transformers_trainer"]
+        _print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps",
+                     ["side", "tokens/s", "tokens", "seconds", "final loss"],
+                     [["vlsafe", ours["tokens_per_s"], ours["tokens"], ours["seconds"], ours["final_loss"]],
+                      ["transformers.Trainer", base["tokens_per_s"], base["tokens"], base["seconds"],
+                       base["final_loss"]],
+                      ["ratio", report["ratio_tokens_per_s"], "", "", ""]])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
