@@ -1,0 +1,1 @@
+"""Weight merging: pure methods (methods.py), mergekit-style configs (config.py), a streaming engine (engine.py)."""
