@@ -210,10 +210,25 @@ def study(
     typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
 
 
-@app.command()
+class _JudgeGroup(typer.core.TyperGroup):
+    """`vlsafe judge --input F --judge NAME --output G` judges; `vlsafe judge train` is the named subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+judge_app = typer.Typer(cls=_JudgeGroup, no_args_is_help=True,
+                        help="Judge responses (`vlsafe judge --input F --judge NAME --output G`), or train judges.")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("run", hidden=True)
 def judge(
     input: Path = typer.Option(..., "--input", help="JSONL rows with 'prompt' and 'response'."),
-    judge_name: str = typer.Option("default", "--judge", help="Judge name (see vlsafe/eval/judges.py)."),
+    judge_name: str = typer.Option("default", "--judge",
+                                   help="default | refusal-minilm | refusal-patterns | llm:TEMPLATE:BACKEND | DIR."),
     output: Path = typer.Option(..., "--output", help="JSONL out: the rows plus 'refused' and 'score'."),
 ):
     """Judge responses: adds `refused` (bool) and `score` to each row."""
@@ -242,19 +257,116 @@ def judge(
     typer.echo(f"{len(judged)} rows judged by {judge_name}: {refused} refusals -> {output}")
 
 
+@judge_app.command("train")
+def judge_train(out: Optional[Path] = typer.Option(None, "--out", help="New directory (default: refresh the packaged "
+                                                                      "classifier in vlsafe/eval/judge_data)."),
+                seed: int = typer.Option(0, "--seed")) -> None:
+    """Fit the learned refusal judges on the labelled data; write the classifier and a card of held-out accuracy."""
+    from vlsafe.eval.judge_train import train as run_train
+
+    run_train(out, seed=seed, log=typer.echo)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="A VLM directory or any LLM spec (text condition only)."),
+    suite: str = typer.Option(..., "--suite", help="quick | safety | overrefusal | helpfulness, or a suite .yaml."),
+    out: Path = typer.Option(..., "--out", help="New directory for results.json and samples.jsonl."),
+    judge_name: str = typer.Option("default", "--judge", help="Refusal judge (see `vlsafe judge`)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per benchmark."),
+    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset, e.g. text,typo."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="A `vlsafe data synth` corpus (image questions)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite cache (default $VLSAFE_CACHE/eval.sqlite)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm (HF-exported models, GPUs)."),
+) -> None:
+    """Evaluate a model on a suite: per benchmark and condition, rates with n and 95% CIs."""
+    from vlsafe.eval.run import evaluate
+
+    wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
+    report = evaluate(model, suite, out, judge=judge_name, limit=limit, conditions=wanted, corpus=corpus,
+                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
+    for benchmark, by_condition in report["results"].items():
+        for condition, metrics in by_condition.items():
+            for metric, r in metrics.items():
+                typer.echo(f"{benchmark:18s} {condition:8s} {metric:20s} {r['rate']:.3f} "
+                           f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}")
+    typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
+
+
 # ---------------------------------------------------------------------------------------------------------- train
 # (section: train)
 @app.command()
 def train(config: Path = typer.Argument(..., help="Training YAML (see configs/train/)."),
           overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings over the YAML, e.g. lr=1e-4"),
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Train a stage (align | projector | full; later safety-sft | mixed | dpo); rerun the same to resume."""
+    """Train a stage (align | projector | full | safety-sft | mixed | dpo); rerun the same to resume."""
     from vlsafe.train.config import load_train_config
     from vlsafe.train.engine import train as run_train
 
     summary = run_train(load_train_config(config, overrides or []), show_progress=not no_progress)
     if summary.pop("is_main", True):  # under `accelerate launch`, one summary, not one per process
         _echo_json(summary)
+
+
+# (section: safety)
+safety_app = typer.Typer(help="Safety-tuning data: align data, a VLGuard-like set, on-policy DPO pairs, leakage.",
+                         no_args_is_help=True)
+app.add_typer(safety_app, name="safety")
+
+
+@safety_app.command("align-data")
+def safety_align_data(model: str = typer.Option(..., help="The text LLM to align (its own answers are generated)."),
+                      out: Path = typer.Option(..., help="A new directory: align.jsonl + manifest.json."),
+                      n_harmful: int = typer.Option(160, help="Harmful prompts (AdvBench + Do-Not-Answer)."),
+                      max_new_tokens: int = typer.Option(80, help="Length of the model's own benign answers."),
+                      temperature: float = typer.Option(0.0, help="0 = greedy answers; > 0 samples them."),
+                      seed: int = typer.Option(0),
+                      cache: Optional[Path] = typer.Option(None, help="Generation cache (default: VLSAFE_CACHE).")):
+    """Data for stage `align`: composed refusals for harmful prompts, the model's own answers for benign ones."""
+    from vlsafe.safety.align import build
+
+    manifest = build(out, model, n_harmful=n_harmful, seed=seed, max_new_tokens=max_new_tokens,
+                     cache_path=str(cache) if cache else None, temperature=temperature)
+    _echo_json({"out": str(out), **manifest["counts"], "refusal_verbatim_duplicates":
+                manifest["refusal_verbatim_duplicates"]})
+
+
+@safety_app.command("vlguard-like")
+def safety_vlguard_like(corpus: Path = typer.Option(..., help="A corpus from `vlsafe data synth`."),
+                        out: Path = typer.Option(..., help="A new directory: train.json (VLGuard format) + images/."),
+                        n: int = typer.Option(200, help="Records per kind (safe image, harmful image)."),
+                        seed: int = typer.Option(0)):
+    """An offline VLGuard-like safety set for stages `safety-sft` and `mixed` (format: vlguard)."""
+    from vlsafe.safety.vlguard_like import build
+
+    _echo_json({"out": str(out), **build(corpus, out, n=n, seed=seed)["counts"]})
+
+
+@safety_app.command("pairs")
+def safety_pairs(model: str = typer.Option(..., help="The model DPO will tune (VLM dir or LLM spec)."),
+                 out: Path = typer.Option(..., help="A new directory: pairs.jsonl (format: jsonl) + manifest.json."),
+                 n_harmful: int = typer.Option(100), n_benign: int = typer.Option(60),
+                 max_new_tokens: int = typer.Option(64), seed: int = typer.Option(0),
+                 images: Optional[Path] = typer.Option(None, help="A synth corpus: half the pairs get a picture."),
+                 cache: Optional[Path] = typer.Option(None, help="Generation cache (default: VLSAFE_CACHE).")):
+    """On-policy DPO pairs: refusal over the model's own compliance; its own answer over a refusal."""
+    from vlsafe.safety.pairs import build
+
+    manifest = build(model, out, n_harmful=n_harmful, n_benign=n_benign, seed=seed, max_new_tokens=max_new_tokens,
+                     images=images, cache_path=str(cache) if cache else None)
+    _echo_json({"out": str(out), **manifest["counts"]})
+
+
+@safety_app.command("leakage")
+def safety_leakage(path: str = typer.Argument(..., help="Training data to check."),
+                   format_name: str = typer.Option("jsonl", "--format", help="Its format (jsonl, llava, vlguard, ...)."),
+                   threshold: float = typer.Option(0.8, help="Near-duplicate word-set Jaccard.")):
+    """Exit 2 if any evaluation prompt (HarmBench, StrongREJECT, over-refusal, helpfulness) is in PATH."""
+    from vlsafe.data import formats
+    from vlsafe.safety import leakage
+
+    _echo_json(leakage.check(formats.load(format_name, path), threshold=threshold, where=path))
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -377,6 +489,25 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
                       ["transformers.Trainer", base["tokens_per_s"], base["tokens"], base["seconds"],
                        base["final_loss"]],
                       ["ratio", report["ratio_tokens_per_s"], "", "", ""]])
+
+
+@bench_app.command("eval")
+def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
+               n: int = typer.Option(32, "--n", min=1, help="Prompts (benign, from the project's sets)."),
+               max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+               batch_size: int = typer.Option(32, "--batch-size", min=1),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Generation throughput: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun."""
+    from vlsafe.bench.eval import run as run_bench
+
+    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if as_json:
+        _echo_json(report)
+    else:
+        _print_table(f"generation: {report['model']} ({n} prompts, <= {max_new_tokens} new tokens)",
+                     ["mode", "seconds", "new tokens/s", "speed-up"],
+                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.1f}x"]
+                      for m, r in report["modes"].items()])
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -25,3 +25,16 @@ def agreement(a: list[bool], b: list[bool]) -> dict:
     if len(a) != len(b):
         raise ValueError("agreement needs two label lists of the same length")
     return rate([x == y for x, y in zip(a, b)])
+
+
+def answer_correct(response: str, answer: str | None, aliases: list[str] = ()) -> bool:
+    """Normalised containment of the answer or an accepted alias as a whole word/number (case, punctuation and
+    spacing ignored), so "Forty-two!" matches "forty-two" but "142" does not match "42"."""
+    import re
+
+    text = " " + re.sub(r"[^a-z0-9.\- ]+", " ", response.lower()) + " "
+    for expected in [answer or "", *aliases]:
+        expected = re.sub(r"[^a-z0-9.\- ]+", " ", expected.lower()).strip()
+        if expected and re.search(rf"(?<![a-z0-9]){re.escape(expected)}(?![a-z0-9])", text):
+            return True
+    return False
