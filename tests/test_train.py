@@ -187,7 +187,8 @@ def test_two_cpu_processes_give_the_weights_of_one(work):
 @pytest.mark.parametrize("overrides, message", [
     (["lr=-1"], "lr"),
     (["stage=bogus"], "stage"),
-    (["stage=dpo"], "not implemented yet"),
+    (["stage=mixed"], "mix_ratio"),
+    (["stage=mixed", "mix_ratio=1.5"], "mix_ratio"),
     (["data=missing.json"], "not found"),
     (["batch_size=5", "grad_accum=2"], "not divisible"),
     (["lora={r: 4}", "stage=projector"], "LoRA"),
@@ -221,7 +222,7 @@ def test_shipped_configs_validate(name):
     from vlsafe.train.config import load_train_config
 
     config = load_train_config(REPO / "configs" / "train" / name)
-    if name.startswith("llava15_7b"):
+    if name.startswith("llava15_7b_stage"):
         stage1 = name.endswith("stage1.yaml")
         assert (config.stage, config.lr, config.batch_size) == (("projector", 1e-3, 256) if stage1 else
                                                                 ("full", 2e-5, 128))

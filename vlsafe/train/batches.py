@@ -68,14 +68,18 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 class EncodedRecords(torch.utils.data.Dataset):
     """Records encoded on demand (tokenized, labels masked) so a 665K-record set starts training at once."""
 
-    def __init__(self, records: list, formatter):
+    def __init__(self, records: list, formatter, encode=None, collate=None):
         self.records = records
         self.formatter = formatter
+        self.encode = encode  # (formatter, record) -> item; a stage's own (DPO pairs), else a conversation's
+        self.collate = collate  # (formatter, items) -> batch
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
+        if self.encode is not None:
+            return self.encode(self.formatter, self.records[index])
         return self.formatter.encode_conversation(self.records[index])
 
 
@@ -84,8 +88,10 @@ def micro_batch_loader(dataset: EncodedRecords, plan: BatchPlan, rank: int, star
     """Yields the collated micro-batches of this process from `start_step` on, in order (workers keep it)."""
     batches = [indices for step in range(start_step, total_steps) for indices in plan.micro_batches(step, rank)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=partial(_collate, dataset.formatter))
+                                       collate_fn=partial(_collate, dataset.formatter, dataset.collate))
 
 
-def _collate(formatter, batch):
+def _collate(formatter, collate, batch):
+    if collate is not None:
+        return collate(formatter, batch)
     return formatter.collate(batch, "right")  # right padding: training reads every position

@@ -16,6 +16,8 @@ from vlsafe.config import Strict, load_config
 
 STAGES = ("align", "projector", "full", "safety-sft", "mixed", "dpo")
 # the language model's linear layers in Llama / SmolLM2 / Mistral / Qwen2 naming: what LLaVA's LoRA recipe targets
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -26,6 +28,9 @@ class DataSpec(Strict):
     format: str = "llava"
     image_root: str | None = None  # where relative image paths resolve (default: the file's folder)
     skip_bad: bool = False  # leave out (and count) bad records instead of failing on the first
+    # stage `mixed` mixes `task` files (the stage-2 data) with `safety` files at `mix_ratio`; other stages
+    # train on every file, and check the refusals of `safety` files (and of all files in safety-sft / align)
+    role: Literal["task", "safety"] = "task"
 
 
 class LoraSpec(Strict):
@@ -35,6 +40,29 @@ class LoraSpec(Strict):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
+class DpoSpec(Strict):
+    """What TRL's DPO loss takes (trl.DPOConfig fields of the same names); the reference is the starting model,
+    its log-probs precomputed once before step 1 so no second model is held in memory."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    loss_weights: list[float] | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+
+    @model_validator(mode="after")
+    def _known(self):
+        # the losses trl 1.16's DPOTrainer implements (it would only say so at the first step)
+        unknown = [t for t in self.loss_type if t not in DPO_LOSSES]
+        if unknown:
+            raise ValueError(f"unknown DPO loss {unknown[0]!r} (TRL's: {', '.join(DPO_LOSSES)})")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError("loss_weights needs one weight per loss_type")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("loss 'exo_pair' needs label_smoothing > 0")
+        return self
 
 
 class TrainConfig(Strict):
@@ -64,6 +92,8 @@ class TrainConfig(Strict):
 
     lora: LoraSpec | None = None
     unfreeze_tower: bool = False
+    mix_ratio: float | None = Field(None, ge=0.0, le=1.0)  # stage `mixed`: share of safety examples in the mix
+    dpo: DpoSpec | None = None  # stage `dpo` (defaults when absent)
 
     # written by the engine into out/config.yaml (data hashes, model hash, versions); ignored when read back, so
     # `vlsafe train out/config.yaml` reruns (or resumes) the same run
@@ -87,6 +117,16 @@ class TrainConfig(Strict):
             raise ValueError("stage 'projector' keeps the tower frozen; unfreeze_tower is for stage 'full'")
         if self.stage == "align" and self.unfreeze_tower:
             raise ValueError("stage 'align' is text-only: there is no tower to unfreeze")
+        if self.stage == "mixed":
+            if self.mix_ratio is None:
+                raise ValueError("stage 'mixed' needs mix_ratio (the share of safety examples, within [0, 1])")
+            roles = {d.role for d in self.data}
+            if roles != {"task", "safety"}:
+                raise ValueError("stage 'mixed' needs data files of both roles: task (stage-2 data) and safety")
+        elif self.mix_ratio is not None:
+            raise ValueError(f"mix_ratio applies to stage 'mixed', not {self.stage!r}")
+        if self.dpo is not None and self.stage != "dpo":
+            raise ValueError(f"dpo settings apply to stage 'dpo', not {self.stage!r}")
         return self
 
     def resolved(self) -> dict:

@@ -27,27 +27,33 @@ from vlsafe.train.config import TrainConfig
 
 # ------------------------------------------------------------------------------------------------------- set-up
 def load_data(config: TrainConfig, stage: stages.Stage) -> tuple[list, list[dict]]:
-    """Every record of every data file (validated), and what provenance records of each file."""
+    """Every record of every data file (validated), selected by the stage (mixing), and what provenance records
+    of each file."""
     from vlsafe.data import formats
-    from vlsafe.data.records import Conversation
 
-    records, info = [], []
+    per_file, info = [], []
     for spec in config.data:
         path = Path(spec.path)
         if not path.exists():
             raise VlsafeError(f"{path}: data file not found")
         loaded = formats.loader(spec.format)(path, image_root=spec.image_root, skip_bad=spec.skip_bad)
-        if loaded and not isinstance(loaded[0], Conversation):
+        if loaded and type(loaded[0]).__name__ != stage.record_type:
             raise VlsafeError(f"{path}: format {spec.format!r} holds {type(loaded[0]).__name__} records; stage "
-                              f"{stage.name!r} trains on conversations (llava, vlguard)")
-        if not stage.needs_vlm and any(r.image for r in loaded):
+                              f"{stage.name!r} trains on {stage.record_type} records")
+        if stage.needs_vlm is False and any(r.image for r in loaded):
             raise VlsafeError(f"{path}: stage {stage.name!r} is text-only, but some records have images")
         skipped = list(getattr(loaded, "skipped", []))
         for line in skipped[:5]:
             print(f"skipped: {line}", file=sys.stderr)
-        records += loaded
-        info.append({"path": str(path.resolve()), "format": spec.format, "sha256": _data_hash(path),
-                     "records": len(loaded), "skipped": len(skipped)})
+        per_file.append(list(loaded))
+        info.append({"path": str(path.resolve()), "format": spec.format, "role": spec.role,
+                     "sha256": _data_hash(path), "records": len(loaded), "skipped": len(skipped)})
+    if stage.select is not None:
+        records, selection = stage.select(config, per_file, config.data)
+        for entry, extra in zip(info, selection.get("files", [])):
+            entry.update(extra)
+    else:
+        records = [r for part in per_file for r in part]
     if not records:
         raise VlsafeError(f"{config.data[0].path}: no records to train on")
     return records, info
@@ -166,6 +172,11 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                       "steps_per_epoch": plan.steps_per_epoch, **stages.describe_trainable(model),
                       "versions": versions()}
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if stage.setup is not None:
+            # before any state is restored: on a resumed run too, what setup computes (DPO's reference
+            # log-probs) comes from the starting weights, which is what the reference is
+            records = stage.setup(accelerator, model, records, bundle.formatter(config.max_length), config,
+                                  plan.micro_batch)
         start, state = _start(accelerator, out, config, provenance, resume)
         summary = _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle, records, out,
                         start, total, state, provenance, show_progress)
@@ -217,8 +228,9 @@ def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     formatter = bundle.formatter(config.max_length)
-    loader = micro_batch_loader(EncodedRecords(records, formatter), plan, accelerator.process_index, start, total,
-                                config.num_workers)
+    loader = micro_batch_loader(EncodedRecords(records, formatter, stage.encode, stage.collate), plan,
+                                accelerator.process_index, start, total, config.num_workers)
+    count = stage.count or _target_tokens
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
     log = RunLog(out, start, accelerator.is_main_process)
@@ -233,17 +245,22 @@ def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle,
             began = time.perf_counter()
             micro = [next(batches) for _ in range(config.grad_accum)]
             # target tokens (after the causal shift) and input tokens of the whole step, over all processes
-            counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                                   sum(int(b["attention_mask"].sum()) for b in micro)], device=accelerator.device)
+            counts = torch.tensor([sum(count(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+                                  device=accelerator.device)
             counts = accelerator.reduce(counts, reduction="sum")
             num_items = counts[0].clamp(min=1)
             lr = scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), device=accelerator.device)
+            metrics: dict[str, float] = {}
             grad_norm = None
             for batch in micro:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
                     loss = stage.loss(model, batch, num_items)
+                    if isinstance(loss, tuple):  # (loss, metrics): a mean over the step's micro-batches
+                        loss, extra = loss
+                        for key, value in extra.items():
+                            metrics[key] = metrics.get(key, 0.0) + value / config.grad_accum
                     # backward divides by grad_accum and DDP averages over processes: undo both, so the gradient
                     # is the mean over every target token of the global batch, as on one process without
                     # accumulation (DeepSpeed scales the same way in its own backward)
@@ -256,6 +273,9 @@ def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle,
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
             step_loss = float(accelerator.reduce(step_loss, reduction="sum"))
+            if metrics:  # the mean over processes
+                values = accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean")
+                metrics = {k: round(float(v), 6) for k, v in zip(metrics, values)}
             seconds = time.perf_counter() - began
             state["tokens"] += int(counts[1])
             state["seconds"] += seconds
@@ -265,7 +285,7 @@ def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle,
                 log.write({"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": step_loss, "lr": lr,
                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
                            "tokens": int(counts[1]), "target_tokens": int(counts[0]),
-                           "tokens_per_s": round(int(counts[1]) / seconds, 1)})
+                           "tokens_per_s": round(int(counts[1]) / seconds, 1), **metrics})
             bar.update(task, completed=done, info=f"loss {step_loss:.4f}  lr {lr:.2e}")
             if config.save_every and done % config.save_every == 0:
                 _checkpoint(accelerator, model, bundle, out, done, config, provenance, state)
@@ -280,6 +300,11 @@ def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle,
             "resumed_from": start, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "tokens": state["tokens"],
             "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1)}
+
+
+def _target_tokens(batch: dict) -> int:
+    """Target tokens after the causal shift: what the SFT loss of a micro-batch sums over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def _checkpoint(accelerator, model, bundle, out, step, config, provenance, state) -> None:

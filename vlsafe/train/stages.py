@@ -4,7 +4,16 @@
     projector  VLM          projector only (LLaVA stage 1)               SFT loss on assistant turns
     full       VLM          projector + LM (+ tower if unfreeze_tower);  SFT loss on assistant turns
                             the LM in full or by LoRA (LLaVA stage 2)
-    safety-sft, mixed, dpo  issue 5: new data and (for dpo) a new loss, same engine
+    safety-sft VLM          as `full`, on safety data (VLGuard format or    SFT loss on assistant turns
+                            vlsafe's jsonl), post hoc on an adapted VLM
+    mixed      VLM          as `full`, on stage-2 data with safety data     SFT loss on assistant turns
+                            mixed in at `mix_ratio`
+    dpo        VLM or LLM   as `full` (the LM alone for a text LLM)         TRL's DPO loss on preference pairs,
+                                                                            reference log-probs precomputed
+
+A stage may also say which records it reads, how it selects them from the data files (mixing), how it encodes
+and collates them, what counts as one item of the loss (target tokens; pairs for DPO), and what it computes once
+before step 1 (DPO's reference log-probs). The defaults are those of supervised fine-tuning.
 
 "Trainable" is decided by parameter-name prefix on the model vlsafe saves (`projector.`, `language_model.`,
 `vision_tower.`), so what a stage may change is visible here and checked per tensor by the tests.
@@ -25,10 +34,17 @@ from vlsafe.train.config import TrainConfig
 @dataclass(frozen=True)
 class Stage:
     name: str
-    needs_vlm: bool  # True: a vlsafe VLM directory; False: a text-only LLM
+    needs_vlm: bool | None  # True: a vlsafe VLM directory; False: a text-only LLM; None: either
     trainable: tuple[str, ...]  # parameter-name prefixes trained in full ("" = everything)
     lora_allowed: bool
-    loss: Callable  # (model, batch, num_items) -> scalar loss: the sum over this batch / num_items
+    loss: Callable  # (model, batch, num_items) -> scalar loss (the sum over this batch / num_items), or
+    #                 (loss, {metric: value}) for metrics the log should carry
+    record_type: str = "Conversation"  # or "PreferencePair"
+    select: Callable | None = None  # (config, [records of each data file], [DataSpec]) -> (records, info)
+    encode: Callable | None = None  # (formatter, record) -> encoded item; default: encode_conversation
+    collate: Callable | None = None  # (formatter, [items]) -> batch dict; default: formatter.collate(right)
+    count: Callable | None = None  # (batch) -> loss items in it; default: target tokens after the shift
+    setup: Callable | None = None  # (accelerator, model, records, formatter, config, micro_batch) -> records
 
 
 def sft_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
@@ -42,25 +58,40 @@ def sft_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     return model(**batch, num_items_in_batch=num_items).loss
 
 
-STAGES: dict[str, Stage] = {
-    "align": Stage("align", needs_vlm=False, trainable=("",), lora_allowed=True, loss=sft_loss),
-    "projector": Stage("projector", needs_vlm=True, trainable=("projector.",), lora_allowed=False, loss=sft_loss),
-    "full": Stage("full", needs_vlm=True, trainable=("projector.", "language_model."), lora_allowed=True,
-                  loss=sft_loss),
-}
-PLANNED = {"safety-sft": "issue 5", "mixed": "issue 5", "dpo": "issue 5"}
+def _stages() -> dict[str, Stage]:
+    from vlsafe.train import dpo, safety_data
+
+    vlm_full = ("projector.", "language_model.")
+    return {
+        "align": Stage("align", needs_vlm=False, trainable=("",), lora_allowed=True, loss=sft_loss,
+                       select=safety_data.select_checked),
+        "projector": Stage("projector", needs_vlm=True, trainable=("projector.",), lora_allowed=False, loss=sft_loss),
+        "full": Stage("full", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss),
+        "safety-sft": Stage("safety-sft", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss,
+                            select=safety_data.select_checked),
+        "mixed": Stage("mixed", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss,
+                       select=safety_data.select_mixed),
+        # "" trains a text LLM whole; on a VLM, `trainable_prefixes` narrows it to the projector and the LM
+        "dpo": Stage("dpo", needs_vlm=None, trainable=vlm_full, lora_allowed=True, loss=dpo.loss,
+                     record_type="PreferencePair", encode=dpo.encode, collate=dpo.collate, count=dpo.count_pairs,
+                     setup=dpo.setup),
+    }
+
+
+STAGES: dict[str, Stage] = {}
 
 
 def get_stage(name: str) -> Stage:
-    if name in PLANNED:
-        raise VlsafeError(f"stage {name!r} not implemented yet ({PLANNED[name]}); "
-                          f"implemented: {', '.join(STAGES)}")
+    if not STAGES:
+        STAGES.update(_stages())  # built on first use: the dpo module imports TRL lazily, not at import time
     if name not in STAGES:
-        raise VlsafeError(f"unknown stage {name!r} (known: {', '.join([*STAGES, *PLANNED])})")
+        raise VlsafeError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
     return STAGES[name]
 
 
 def check_model(stage: Stage, bundle, where: str) -> None:
+    if stage.needs_vlm is None:
+        return
     if stage.needs_vlm and not bundle.is_vlm:
         raise VlsafeError(f"{where}: stage {stage.name!r} needs a vlsafe VLM directory (`vlsafe build`), "
                           "got a text-only LLM")
@@ -68,8 +99,10 @@ def check_model(stage: Stage, bundle, where: str) -> None:
         raise VlsafeError(f"{where}: stage {stage.name!r} trains a text-only LLM, got a VLM directory")
 
 
-def trainable_prefixes(stage: Stage, config: TrainConfig) -> tuple[str, ...]:
-    prefixes = stage.trainable + (("vision_tower.",) if config.unfreeze_tower else ())
+def trainable_prefixes(stage: Stage, config: TrainConfig, is_vlm: bool = True) -> tuple[str, ...]:
+    # a stage that takes either kind of model (dpo) trains a text LLM whole
+    prefixes = stage.trainable if is_vlm or stage.needs_vlm is not None else ("",)
+    prefixes = prefixes + (("vision_tower.",) if config.unfreeze_tower else ())
     if config.lora is not None:
         # under LoRA the LM's own weights stay frozen: only the adapters (and the non-LM prefixes) train
         prefixes = tuple(p for p in prefixes if p not in ("", "language_model."))
@@ -81,11 +114,14 @@ def prepare_model(model: torch.nn.Module, stage: Stage, config: TrainConfig) -> 
 
     With LoRA the result is a `peft.PeftModel` around the VLM (or LLM); `plain_model` gets the plain model back.
     """
+    from vlsafe.model.vlm import VisionLanguageModel
+
+    is_vlm = isinstance(model, VisionLanguageModel)
     if config.lora is not None:
         if not stage.lora_allowed:
             raise VlsafeError(f"stage {stage.name!r} does not take LoRA")
-        model = _add_lora(model, config, is_vlm=stage.needs_vlm)
-    prefixes = trainable_prefixes(stage, config)
+        model = _add_lora(model, config, is_vlm=is_vlm)
+    prefixes = trainable_prefixes(stage, config, is_vlm)
     for name, param in _plain_named_parameters(model):
         param.requires_grad_(name.startswith(prefixes) or (config.lora is not None and "lora_" in name))
     # a frozen module computes the function it will be evaluated with: no dropout noise in what is not trained

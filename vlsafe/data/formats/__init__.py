@@ -30,6 +30,7 @@ FORMATS: dict[str, str] = {
     "vlguard": "vlsafe.data.formats.vlguard:load",
     "saferlhf": "vlsafe.data.formats.preference:load_saferlhf",
     "spavl": "vlsafe.data.formats.preference:load_spavl",
+    "jsonl": "vlsafe.safety.jsonl:load",  # vlsafe's own Conversation / PreferencePair lines (safety builders)
 }
 
 

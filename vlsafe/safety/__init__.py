@@ -1,0 +1,1 @@
+"""Safety tuning data: align data, composed refusals, leakage checks, a VLGuard-like set, on-policy pairs."""
