@@ -31,6 +31,16 @@ assets_app = typer.Typer(help="Offline assets: real models and data shipped insi
 app.add_typer(assets_app, name="assets")
 
 
+class _DefaultRunGroup(typer.core.TyperGroup):
+    """A group whose arguments go to its hidden `run` command unless they name a subcommand or ask for help:
+    `vlsafe merge CONFIG --out DIR` next to `vlsafe merge sweep`, `vlsafe judge --input F` next to `judge train`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -210,16 +220,7 @@ def study(
     typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
 
 
-class _JudgeGroup(typer.core.TyperGroup):
-    """`vlsafe judge --input F --judge NAME --output G` judges; `vlsafe judge train` is the named subcommand."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-judge_app = typer.Typer(cls=_JudgeGroup, no_args_is_help=True,
+judge_app = typer.Typer(cls=_DefaultRunGroup, no_args_is_help=True,
                         help="Judge responses (`vlsafe judge --input F --judge NAME --output G`), or train judges.")
 app.add_typer(judge_app, name="judge")
 
@@ -408,16 +409,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="A new (or empty) dir
 
 # ---------------------------------------------------------------------------------------------------------- merge
 # (section: merge)
-class _MergeGroup(typer.core.TyperGroup):
-    """`vlsafe merge CONFIG.yaml --out DIR` merges; `vlsafe merge sweep ...` is the one named subcommand."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-merge_app = typer.Typer(cls=_MergeGroup, no_args_is_help=True,
+merge_app = typer.Typer(cls=_DefaultRunGroup, no_args_is_help=True,
                         help="Merge weights (mergekit-style YAML; VLM-aware): `vlsafe merge CONFIG.yaml --out DIR`.")
 app.add_typer(merge_app, name="merge")
 
