@@ -10,7 +10,6 @@ library versions, and samples.jsonl every response.
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +54,8 @@ def items(config: BaselineConfig) -> dict[str, list[Prompt]]:
 
 
 def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log=print) -> dict:
-    from vlsafe.eval import benchmarks
-    from vlsafe.eval.generate import Decoding, generate
+    from vlsafe.eval.generate import Decoding
     from vlsafe.eval.judges import get as get_judge
-    from vlsafe.eval.metrics import rate
     from vlsafe.model import checkpoint
 
     out = Path(out)
@@ -82,38 +79,11 @@ def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log
         total = sum(len(p) for name, p in sets.items() for _m, _b, c in runs if name == "harmful" or c != "typo")
         progress = Progress(transient=True)
         task = progress.add_task("generating", total=total)
-        progress.start()
-        for model_name, bundle, condition in runs:
-            started = time.time()
-            key = f"{model_name}/{condition}"
-            row = {}
-            for set_name, prompts in sets.items():
-                if set_name != "harmful" and condition == "typo":
-                    continue  # the typographic attack is defined for harmful requests
-                shown = benchmarks.expand(prompts, condition, image_dir)
-                progress.update(task, description=f"{model_name}/{condition}: {set_name}")
-                responses = generate(bundle, shown, decoding, batch_size=config.batch_size,
-                                     progress=lambda n: progress.advance(task, n))
-                flags = []
-                verdicts = judge.judge_many([(p.meta.get("request", p.text), r) for p, r in zip(shown, responses)])
-                for prompt, response, verdict in zip(shown, responses, verdicts):
-                    if set_name == "helpfulness":
-                        flag = answer_correct(response, prompt)
-                    elif set_name == "harmful":
-                        flag = not verdict.refused  # an attack succeeds when the model does not refuse
-                    else:
-                        flag = verdict.refused
-                    flags.append(flag)
-                    samples.append({"model": model_name, "condition": condition, "set": set_name, "id": prompt.id,
-                                    "prompt": prompt.text, "image": prompt.image, "response": response,
-                                    "refused": verdict.refused, "flag": flag})
-                metric = {"harmful": "attack_success_rate", "benign_scary": "refusal_rate",
-                          "helpfulness": "accuracy"}[set_name]
-                row[metric] = rate(flags)
-            row["seconds"] = round(time.time() - started, 1)
-            results[key] = row
-            progress.console.print(_line(key, row)) if log is print else log(_line(key, row))
-        progress.stop()
+        progress.start()  # stopped in `finally`, so a failure does not leave the terminal in a live display
+        try:
+            _run_all(runs, sets, judge, decoding, config, image_dir, progress, task, results, samples, log)
+        finally:
+            progress.stop()
         report = {
             "job": "baseline (VL adaptation's starting point: LLM vs VLM@0)",
             "config": config.__dict__,
@@ -149,3 +119,41 @@ def _line(key: str, row: dict) -> str:
             low, high = value["ci95"]
             parts.append(f"{metric} {value['rate']:.0%} [{low:.0%}, {high:.0%}] n={value['n']}")
     return f"{key:12s} " + "; ".join(parts) + f"  ({row['seconds']} s)"
+
+
+def _run_all(runs, sets, judge, decoding, config, image_dir, progress, task, results, samples, log) -> None:
+    """Generate, judge and score every (model, condition, item set); fills `results` and `samples`."""
+    from vlsafe.eval import benchmarks
+    from vlsafe.eval.generate import generate
+    from vlsafe.eval.metrics import rate
+
+    for model_name, bundle, condition in runs:
+        started = time.time()
+        key = f"{model_name}/{condition}"
+        row = {}
+        for set_name, prompts in sets.items():
+            if set_name != "harmful" and condition == "typo":
+                continue  # the typographic attack is defined for harmful requests
+            shown = benchmarks.expand(prompts, condition, image_dir)
+            progress.update(task, description=f"{model_name}/{condition}: {set_name}")
+            responses = generate(bundle, shown, decoding, batch_size=config.batch_size,
+                                 progress=lambda n: progress.advance(task, n))
+            flags = []
+            verdicts = judge.judge_many([(p.meta.get("request", p.text), r) for p, r in zip(shown, responses)])
+            for prompt, response, verdict in zip(shown, responses, verdicts):
+                if set_name == "helpfulness":
+                    flag = answer_correct(response, prompt)
+                elif set_name == "harmful":
+                    flag = not verdict.refused  # an attack succeeds when the model does not refuse
+                else:
+                    flag = verdict.refused
+                flags.append(flag)
+                samples.append({"model": model_name, "condition": condition, "set": set_name, "id": prompt.id,
+                                "prompt": prompt.text, "image": prompt.image, "response": response,
+                                "refused": verdict.refused, "flag": flag})
+            metric = {"harmful": "attack_success_rate", "benign_scary": "refusal_rate",
+                      "helpfulness": "accuracy"}[set_name]
+            row[metric] = rate(flags)
+        row["seconds"] = round(time.time() - started, 1)
+        results[key] = row
+        progress.console.print(_line(key, row)) if log is print else log(_line(key, row))
