@@ -32,6 +32,18 @@ def read_json(path: Path):
         raise VlsafeError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
 
 
+def read_json_records(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """Yields (index, "file: record i", object) for a file holding a JSON list of objects."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise VlsafeError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict):
+            raise VlsafeError(f"{where}: expected an object, got {type(record).__name__}")
+        yield index, where, record
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yields (line number, object) for every non-blank line."""
     try:

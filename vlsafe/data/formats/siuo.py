@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlsafe.data.formats._common import field, find_file, image_roots, local_source, optional, read_json, resolve_image
+from vlsafe.data.formats._common import (field, find_file, image_roots, local_source, optional, read_json_records,
+                                         resolve_image)
 from vlsafe.data.records import Prompt
-from vlsafe.errors import VlsafeError
 
 HUB_ID = "sinwang/SIUO"
 FILES = ("siuo_gen.json", "*.json")
@@ -21,15 +21,9 @@ REQUIRED = ("question_id", "image", "question", "category", "safety_warning")
 
 def load(path: str | Path = HUB_ID, image_root: str | Path | None = None) -> list[Prompt]:
     source = find_file(local_source(path, ("siuo_gen.json", "images/*")), FILES, "SIUO JSON")
-    items = read_json(source)
-    if not isinstance(items, list):
-        raise VlsafeError(f"{source}: expected a JSON list of records, got {type(items).__name__}")
     roots = image_roots(source, image_root, "images")
     prompts = []
-    for index, item in enumerate(items):
-        where = f"{source}: record {index}"
-        if not isinstance(item, dict):
-            raise VlsafeError(f"{where}: expected an object, got {type(item).__name__}")
+    for index, where, item in read_json_records(source):
         values = {name: field(item, name, where) for name in REQUIRED}
         where = f"{source}: record {index} (question_id {values['question_id']})"
         prompts.append(Prompt(

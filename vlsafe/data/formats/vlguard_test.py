@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlsafe.data.formats._common import field, find_file, image_roots, local_source, optional, read_json, resolve_image
+from vlsafe.data.formats._common import (field, find_file, image_roots, local_source, optional, read_json_records,
+                                         resolve_image)
 from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
 
@@ -33,15 +34,9 @@ def load(path: str | Path = HUB_ID, image_root: str | Path | None = None,
     if unknown:
         raise VlsafeError(f"unknown VLGuard subset {unknown[0]!r} (known: {', '.join(SUBSETS)})")
     source = find_file(local_source(path, ("test.json", "test.zip")), FILES, "VLGuard test.json")
-    records = read_json(source)
-    if not isinstance(records, list):
-        raise VlsafeError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     roots = image_roots(source, image_root, "test")
     prompts = []
-    for index, record in enumerate(records):
-        where = f"{source}: record {index}"
-        if not isinstance(record, dict):
-            raise VlsafeError(f"{where}: expected an object, got {type(record).__name__}")
+    for index, where, record in read_json_records(source):
         where = f"{source}: record {index} (id {optional(record, 'id', '?')})"
         safe = field(record, "safe", where, kind=bool)
         pairs = field(record, "instr-resp", where, kind=list)
