@@ -1,0 +1,44 @@
+"""The vlsafe command line. Each command parses its arguments, then calls one library function; no logic here.
+
+Bad input raises `VlsafeError` anywhere below; `main` prints it on one line and exits with status 2. The commands
+live in one module per section (assets, model, evaluate, train, safety, data, merge, bench), registered on `app`
+when imported here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from vlsafe.cli._app import app
+# importing a section registers its commands on `app`, in this order in --help  # isort: skip
+from vlsafe.cli import model, evaluate, train, assets, data, safety, merge, bench  # noqa: F401, I001
+from vlsafe.errors import VlsafeError
+
+__all__ = ["app", "main", "run"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: returns the exit status (2 for bad input, with one line naming what is wrong)."""
+    try:
+        # without standalone mode, click returns the code of a typer.Exit instead of raising it
+        status = app(args=argv, prog_name="vlsafe", standalone_mode=False)
+    except VlsafeError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        return 2
+    return status if isinstance(status, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())

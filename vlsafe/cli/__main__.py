@@ -1,0 +1,3 @@
+from vlsafe.cli import run
+
+run()

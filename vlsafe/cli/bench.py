@@ -1,0 +1,77 @@
+"""Performance benchmarks, side by side with the baselines."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from vlsafe.cli._app import app, echo_json, print_table
+
+# `bench` is shared with the other benchmarks (eval, train): they add their commands to bench_app
+bench_app = typer.Typer(help="Performance benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("merge")
+def bench_merge(hidden: int = typer.Option(1024, "--hidden"), layers: int = typer.Option(8, "--layers"),
+                vocab: int = typer.Option(32000, "--vocab"),
+                methods: str = typer.Option("linear,task_arithmetic,ties", "--methods"),
+                repeat: int = typer.Option(1, "--repeat", min=1),
+                mergekit: Optional[str] = typer.Option(None, "--mergekit", help="path to mergekit-yaml"),
+                work: Optional[str] = typer.Option(None, "--work", help="scratch folder (default: system temp)"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """vlsafe vs mergekit on the same random plain-Llama checkpoints: wall time, peak RSS, output difference."""
+    from vlsafe.bench.merge import run as run_bench
+    from vlsafe.bench.merge import table_rows
+
+    report = run_bench(hidden, layers, vocab, methods=tuple(m for m in methods.split(",") if m), repeat=repeat,
+                       mergekit=mergekit, work=work)
+    if as_json:
+        echo_json(report)
+    else:
+        print_table(f"merge: 3 x {report['inputs']['bytes_per_model'] / 1e6:.0f} MB Llama checkpoints",
+                     ["method", "vlsafe s", "mergekit s", "vlsafe MiB", "mergekit MiB", "max |diff|"],
+                     table_rows(report))
+
+
+@bench_app.command("train")
+def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
+                tower: str = typer.Option("efficientnet-lite0", "--tower"),
+                steps: int = typer.Option(4, "--steps", help="optimizer steps per side (the first is not timed)"),
+                batch_size: int = typer.Option(8, "--batch-size"),
+                max_length: int = typer.Option(512, "--max-length"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stage-2 tokens/s: vlsafe's engine vs a plain transformers.Trainer, same model, data and batch."""
+    from vlsafe.bench.train import run as run_bench
+
+    report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length)
+    if as_json:
+        echo_json(report)
+    else:
+        ours, base = report["vlsafe"], report["transformers_trainer"]
+        print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps",
+                     ["side", "tokens/s", "tokens", "seconds", "final loss"],
+                     [["vlsafe", ours["tokens_per_s"], ours["tokens"], ours["seconds"], ours["final_loss"]],
+                      ["transformers.Trainer", base["tokens_per_s"], base["tokens"], base["seconds"],
+                       base["final_loss"]],
+                      ["ratio", report["ratio_tokens_per_s"], "", "", ""]])
+
+
+@bench_app.command("eval")
+def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
+               n: int = typer.Option(32, "--n", min=1, help="Prompts (benign, from the project's sets)."),
+               max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+               batch_size: int = typer.Option(32, "--batch-size", min=1),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Generation throughput: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun."""
+    from vlsafe.bench.eval import run as run_bench
+
+    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if as_json:
+        echo_json(report)
+    else:
+        print_table(f"generation: {report['model']} ({n} prompts, <= {max_new_tokens} new tokens)",
+                     ["mode", "seconds", "new tokens/s", "speed-up"],
+                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.1f}x"]
+                      for m, r in report["modes"].items()])

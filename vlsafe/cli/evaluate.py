@@ -1,0 +1,110 @@
+"""The study, judges and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vlsafe.cli._app import DefaultRunGroup, app
+from vlsafe.errors import VlsafeError
+
+
+
+@app.command()
+def study(
+    out: Path = typer.Option(Path("runs/study"), help="Output directory (a new one; a timestamp is added if it exists)."),
+    llm: str = typer.Option("smollm2-135m-instruct", help="The LLM to study."),
+    tower: str = typer.Option("efficientnet-lite0", help="The vision tower to attach."),
+    n_harmful: int = typer.Option(40, help="Harmful items per source (HarmBench test, StrongREJECT)."),
+    n_benign: int = typer.Option(40, help="Benign-but-scary and helpfulness items each."),
+    max_new_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+):
+    """The main job on the offline default: safety, over-refusal and helpfulness of the LLM and its VLM@0."""
+    import time
+
+    from vlsafe.study.baseline import BaselineConfig, run_baseline
+
+    if out.exists():
+        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config = BaselineConfig(llm=llm, tower=tower, n_harmful=n_harmful, n_benign=n_benign,
+                            max_new_tokens=max_new_tokens, seed=seed)
+    run_baseline(out, config, log=typer.echo)
+    typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
+
+
+judge_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
+                        help="Judge responses (`vlsafe judge --input F --judge NAME --output G`), or train judges.")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("run", hidden=True)
+def judge(
+    input: Path = typer.Option(..., "--input", help="JSONL rows with 'prompt' and 'response'."),
+    judge_name: str = typer.Option("default", "--judge",
+                                   help="default | refusal-minilm | refusal-patterns | llm:TEMPLATE:BACKEND | DIR."),
+    output: Path = typer.Option(..., "--output", help="JSONL out: the rows plus 'refused' and 'score'."),
+):
+    """Judge responses: adds `refused` (bool) and `score` to each row."""
+    import json
+
+    from vlsafe.eval.judges import judge_rows
+
+    if not input.is_file():
+        raise VlsafeError(f"{input}: file not found")
+    if output.exists():
+        raise VlsafeError(f"{output}: output path exists (choose a new one)")
+    rows = []
+    for n, line in enumerate(input.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise VlsafeError(f"{input}: line {n}: not valid JSON ({err.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise VlsafeError(f"{input}: line {n}: not a JSON object")
+    judged = judge_rows(rows, judge_name, where=str(input))
+    tmp = output.with_name(f".{output.name}.partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in judged))
+    tmp.replace(output)
+    refused = sum(r["refused"] for r in judged)
+    typer.echo(f"{len(judged)} rows judged by {judge_name}: {refused} refusals -> {output}")
+
+
+@judge_app.command("train")
+def judge_train(out: Optional[Path] = typer.Option(None, "--out", help="New directory (default: refresh the packaged "
+                                                                      "classifier in vlsafe/eval/judge_data)."),
+                seed: int = typer.Option(0, "--seed")) -> None:
+    """Fit the learned refusal judges on the labelled data; write the classifier and a card of held-out accuracy."""
+    from vlsafe.eval.judge_train import train as run_train
+
+    run_train(out, seed=seed, log=typer.echo)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="A VLM directory or any LLM spec (text condition only)."),
+    suite: str = typer.Option(..., "--suite", help="quick | safety | overrefusal | helpfulness, or a suite .yaml."),
+    out: Path = typer.Option(..., "--out", help="New directory for results.json and samples.jsonl."),
+    judge_name: str = typer.Option("default", "--judge", help="Refusal judge (see `vlsafe judge`)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per benchmark."),
+    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset, e.g. text,typo."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="A `vlsafe data synth` corpus (image questions)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite cache (default $VLSAFE_CACHE/eval.sqlite)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm (HF-exported models, GPUs)."),
+) -> None:
+    """Evaluate a model on a suite: per benchmark and condition, rates with n and 95% CIs."""
+    from vlsafe.eval.run import evaluate
+
+    wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
+    report = evaluate(model, suite, out, judge=judge_name, limit=limit, conditions=wanted, corpus=corpus,
+                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
+    for benchmark, by_condition in report["results"].items():
+        for condition, metrics in by_condition.items():
+            for metric, r in metrics.items():
+                typer.echo(f"{benchmark:18s} {condition:8s} {metric:20s} {r['rate']:.3f} "
+                           f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}")
+    typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")

@@ -1,0 +1,68 @@
+"""Safety-tuning data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vlsafe.cli._app import app, echo_json
+
+safety_app = typer.Typer(help="Safety-tuning data: align data, a VLGuard-like set, on-policy DPO pairs, leakage.",
+                         no_args_is_help=True)
+app.add_typer(safety_app, name="safety")
+
+
+@safety_app.command("align-data")
+def safety_align_data(model: str = typer.Option(..., help="The text LLM to align (its own answers are generated)."),
+                      out: Path = typer.Option(..., help="A new directory: align.jsonl + manifest.json."),
+                      n_harmful: int = typer.Option(160, help="Harmful prompts (AdvBench + Do-Not-Answer)."),
+                      max_new_tokens: int = typer.Option(80, help="Length of the model's own benign answers."),
+                      temperature: float = typer.Option(0.0, help="0 = greedy answers; > 0 samples them."),
+                      seed: int = typer.Option(0),
+                      cache: Optional[Path] = typer.Option(None, help="Generation cache (default: VLSAFE_CACHE).")):
+    """Data for stage `align`: composed refusals for harmful prompts, the model's own answers for benign ones."""
+    from vlsafe.safety.align import build
+
+    manifest = build(out, model, n_harmful=n_harmful, seed=seed, max_new_tokens=max_new_tokens,
+                     cache_path=str(cache) if cache else None, temperature=temperature)
+    echo_json({"out": str(out), **manifest["counts"], "refusal_verbatim_duplicates":
+                manifest["refusal_verbatim_duplicates"]})
+
+
+@safety_app.command("vlguard-like")
+def safety_vlguard_like(corpus: Path = typer.Option(..., help="A corpus from `vlsafe data synth`."),
+                        out: Path = typer.Option(..., help="A new directory: train.json (VLGuard format) + images/."),
+                        n: int = typer.Option(200, help="Records per kind (safe image, harmful image)."),
+                        seed: int = typer.Option(0)):
+    """An offline VLGuard-like safety set for stages `safety-sft` and `mixed` (format: vlguard)."""
+    from vlsafe.safety.vlguard_like import build
+
+    echo_json({"out": str(out), **build(corpus, out, n=n, seed=seed)["counts"]})
+
+
+@safety_app.command("pairs")
+def safety_pairs(model: str = typer.Option(..., help="The model DPO will tune (VLM dir or LLM spec)."),
+                 out: Path = typer.Option(..., help="A new directory: pairs.jsonl (format: jsonl) + manifest.json."),
+                 n_harmful: int = typer.Option(100), n_benign: int = typer.Option(60),
+                 max_new_tokens: int = typer.Option(64), seed: int = typer.Option(0),
+                 images: Optional[Path] = typer.Option(None, help="A synth corpus: half the pairs get a picture."),
+                 cache: Optional[Path] = typer.Option(None, help="Generation cache (default: VLSAFE_CACHE).")):
+    """On-policy DPO pairs: refusal over the model's own compliance; its own answer over a refusal."""
+    from vlsafe.safety.pairs import build
+
+    manifest = build(model, out, n_harmful=n_harmful, n_benign=n_benign, seed=seed, max_new_tokens=max_new_tokens,
+                     images=images, cache_path=str(cache) if cache else None)
+    echo_json({"out": str(out), **manifest["counts"]})
+
+
+@safety_app.command("leakage")
+def safety_leakage(path: str = typer.Argument(..., help="Training data to check."),
+                   format_name: str = typer.Option("jsonl", "--format", help="Its format (jsonl, llava, vlguard, ...)."),
+                   threshold: float = typer.Option(0.8, help="Near-duplicate word-set Jaccard.")):
+    """Exit 2 if any evaluation prompt (HarmBench, StrongREJECT, over-refusal, helpfulness) is in PATH."""
+    from vlsafe.data import formats
+    from vlsafe.safety import leakage
+
+    echo_json(leakage.check(formats.load(format_name, path), threshold=threshold, where=path))
