@@ -81,6 +81,24 @@ def test_mixed_holds_its_ratio(work):
     assert not (work / "mixed-bad").exists()
 
 
+def test_full_mixes_text_only_instructions_at_its_ratio(work):
+    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(16)]
+    (work / "text.json").write_text(json.dumps(text))
+    fields = dict(stage="full", model=str(work / "vlm0"), lr=3e-3, batch_size=4, max_steps=3,
+                  data=[{"path": str(work / "synth" / "stage2_instruct.json")},
+                        {"path": str(work / "text.json"), "role": "text"}])
+    config = _config(work, "full-text", out=str(work / "full-text"), text_ratio=0.25, **fields)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    data = yaml.safe_load((work / "full-text" / "config.yaml").read_text())["provenance"]["data"]
+    assert (data[0]["mixed_in"], data[1]["mixed_in"]) == (24, 8)  # 8 / (24 + 8) = 0.25, nothing repeated
+    for bad, message in (({}, "needs both text_ratio"), ({"text_ratio": 0.5, "stage": "projector"}, "applies to")):
+        path = _config(work, "full-text-bad", out=str(work / "full-text-bad"), **{**fields, **bad})
+        assert main(["train", str(path), "--no-progress"]) == 2
+        assert not (work / "full-text-bad").exists()
+
+
 def _pairs(work: Path, n: int = 8) -> list[PreferencePair]:
     image = str(sorted((work / "synth" / "images").glob("train_*.png"))[0])
     # the chosen answer is a little longer, so the untrained model gives it the lower log-probability

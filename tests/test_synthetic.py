@@ -16,8 +16,6 @@ from skimage.measure import label, regionprops
 from vlsafe.cli import main
 from vlsafe.data import synthetic
 from vlsafe.data.formats import llava
-from vlsafe.data.records import Conversation, Turn
-from vlsafe.errors import VlsafeError
 
 N, SEED = 120, 7
 REFUSAL = re.compile(r"\b(sorry|apologi[sz]e|cannot|can't|can not|unable|as an ai|won't|will not|not able to|"
@@ -186,23 +184,3 @@ def test_synth_refuses_a_non_empty_out(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-def conversations(n: int, prefix: str, image: str | None) -> list[Conversation]:
-    return [Conversation(id=f"{prefix}{i}", image=image, turns=[Turn(role="user", content="Hi"),
-                                                                   Turn(role="assistant", content="Hello")])
-            for i in range(n)]
-
-
-def test_mix_ratio_and_bad_ratio():
-    images, text = conversations(100, "img", "/x.png"), conversations(80, "txt", None)
-    mixed = synthetic.mix(images, text, 0.25, seed=1)
-    assert len(mixed) == 100 and sum(c.image is None for c in mixed) == 25
-    assert len({c.id for c in mixed}) == 100, "drawn without replacement"
-    assert [c.id for c in mixed] == [c.id for c in synthetic.mix(images, text, 0.25, seed=1)]
-    assert [c.id for c in mixed] != [c.id for c in synthetic.mix(images, text, 0.25, seed=2)]
-    assert all(c.image is None for c in synthetic.mix(images, text, 1.0, total=80))
-    assert synthetic.mix(images, text, 0.0) and all(c.image for c in synthetic.mix(images, text, 0.0))
-    for bad in (-0.1, 1.5):
-        with pytest.raises(VlsafeError, match="within \\[0, 1\\]"):
-            synthetic.mix(images, text, bad)
-    with pytest.raises(VlsafeError, match="needs 90 text-only"):
-        synthetic.mix(images, text, 0.9)

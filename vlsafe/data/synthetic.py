@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from vlsafe.data.records import Conversation, Prompt
+from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
 
 SIZE = 224
@@ -320,23 +320,3 @@ def load_heldout(path: str | Path) -> list[Prompt]:
                 raise VlsafeError(f"{path}: line {number}: not a Prompt record ({err.__class__.__name__})") from None
             out.append(prompt.model_copy(update={"image": str((path.parent / prompt.image).resolve())}))
     return out
-
-
-def mix(conversations: list[Conversation], text_only: list[Conversation], ratio: float, seed: int = 0,
-        total: int | None = None) -> list[Conversation]:
-    """`total` conversations (default: as many as `conversations`), a `ratio` share of them text-only, shuffled.
-
-    Both parts are drawn without replacement: repeating text-only data to reach a ratio would silently train
-    on duplicates, so too little of either part is an error instead.
-    """
-    if not 0.0 <= ratio <= 1.0:
-        raise VlsafeError(f"mix: ratio must be within [0, 1], got {ratio}")
-    total = len(conversations) if total is None else total
-    n_text = round(ratio * total)
-    for what, have, need in (("text-only", len(text_only), n_text), ("image", len(conversations), total - n_text)):
-        if have < need:
-            raise VlsafeError(f"mix: ratio {ratio} of {total} needs {need} {what} conversations, got {have}")
-    rng = np.random.default_rng([seed, 3])
-    chosen = [conversations[i] for i in rng.permutation(len(conversations))[:total - n_text]]
-    chosen += [text_only[i] for i in rng.permutation(len(text_only))[:n_text]]
-    return [chosen[i] for i in rng.permutation(len(chosen))]

@@ -28,9 +28,10 @@ class DataSpec(Strict):
     format: str = "llava"
     image_root: str | None = None  # where relative image paths resolve (default: the file's folder)
     skip_bad: bool = False  # leave out (and count) bad records instead of failing on the first
-    # stage `mixed` mixes `task` files (the stage-2 data) with `safety` files at `mix_ratio`; other stages
-    # train on every file, and check the refusals of `safety` files (and of all files in safety-sft / align)
-    role: Literal["task", "safety"] = "task"
+    # stage `mixed` mixes `task` files (the stage-2 data) with `safety` files at `mix_ratio`; stages `full` and
+    # `mixed` mix `text` files (text-only instructions) into the task data at `text_ratio`; other stages train on
+    # every file, and check the refusals of `safety` files (and of all files in safety-sft / align)
+    role: Literal["task", "safety", "text"] = "task"
 
 
 class LoraSpec(Strict):
@@ -93,6 +94,7 @@ class TrainConfig(Strict):
     lora: LoraSpec | None = None
     unfreeze_tower: bool = False
     mix_ratio: float | None = Field(None, ge=0.0, le=1.0)  # stage `mixed`: share of safety examples in the mix
+    text_ratio: float | None = Field(None, ge=0.0, le=1.0)  # full / mixed: share of text-only in the task data
     dpo: DpoSpec | None = None  # stage `dpo` (defaults when absent)
 
     # written by the engine into out/config.yaml (data hashes, model hash, versions); ignored when read back, so
@@ -121,10 +123,16 @@ class TrainConfig(Strict):
             if self.mix_ratio is None:
                 raise ValueError("stage 'mixed' needs mix_ratio (the share of safety examples, within [0, 1])")
             roles = {d.role for d in self.data}
-            if roles != {"task", "safety"}:
+            if roles - {"text"} != {"task", "safety"}:
                 raise ValueError("stage 'mixed' needs data files of both roles: task (stage-2 data) and safety")
         elif self.mix_ratio is not None:
             raise ValueError(f"mix_ratio applies to stage 'mixed', not {self.stage!r}")
+        has_text = any(d.role == "text" for d in self.data)
+        if self.text_ratio is not None and self.stage not in ("full", "mixed"):
+            raise ValueError(f"text_ratio applies to stages 'full' and 'mixed', not {self.stage!r}")
+        if (self.text_ratio is not None) != has_text:
+            raise ValueError("text-only mixing needs both text_ratio and data files of role text"
+                             if has_text else "text_ratio needs data files of role text (text-only instructions)")
         if self.dpo is not None and self.stage != "dpo":
             raise ValueError(f"dpo settings apply to stage 'dpo', not {self.stage!r}")
         return self

@@ -3,7 +3,8 @@
     align      text LLM     every LM weight (or LoRA on the LM)          SFT loss on assistant turns
     projector  VLM          projector only (LLaVA stage 1)               SFT loss on assistant turns
     full       VLM          projector + LM (+ tower if unfreeze_tower);  SFT loss on assistant turns
-                            the LM in full or by LoRA (LLaVA stage 2)
+                            the LM in full or by LoRA (LLaVA stage 2),
+                            text-only data mixed in at `text_ratio`
     safety-sft VLM          as `full`, on safety data (VLGuard format or    SFT loss on assistant turns
                             vlsafe's jsonl), post hoc on an adapted VLM
     mixed      VLM          as `full`, on stage-2 data with safety data     SFT loss on assistant turns
@@ -66,7 +67,8 @@ def _stages() -> dict[str, Stage]:
         "align": Stage("align", needs_vlm=False, trainable=("",), lora_allowed=True, loss=sft_loss,
                        select=safety_data.select_checked),
         "projector": Stage("projector", needs_vlm=True, trainable=("projector.",), lora_allowed=False, loss=sft_loss),
-        "full": Stage("full", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss),
+        "full": Stage("full", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss,
+                      select=safety_data.select_task),
         "safety-sft": Stage("safety-sft", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss,
                             select=safety_data.select_checked),
         "mixed": Stage("mixed", needs_vlm=True, trainable=vlm_full, lora_allowed=True, loss=sft_loss,
