@@ -12,6 +12,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct as an HF dir, dequantised once into the vlsafe cache (VLSAFE_CACHE or ~/.cache/vlsafe)."""
-    from vlsafe import assets
+    from vlsafe.model import gguf
 
-    return assets.llm_dir("smollm2-135m-instruct")
+    return gguf.llm_dir("smollm2-135m-instruct")

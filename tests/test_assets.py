@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vlsafe import assets
+from vlsafe.model import gguf
 from vlsafe.cli import main
 from vlsafe.errors import VlsafeError
 
@@ -109,7 +110,7 @@ def test_nothing_is_prepared_from_a_corrupt_gguf(sandbox, monkeypatch):
     register(monkeypatch, name="fake-llm", kind="llm", package=FAKE_PACKAGE, version=FAKE_VERSION,
              files=["fake/model.gguf"], sha256={"fake/model.gguf": sha256(b"what was published")}, size=17)
     with pytest.raises(VlsafeError, match="model.gguf"):
-        assets.llm_dir("fake-llm")
+        gguf.llm_dir("fake-llm")
     for prepared in ("models", "tokenizers"):  # at most a builder's lock file: no dir, no temp dir
         where = assets.cache_dir() / prepared
         assert not where.exists() or [p.name for p in where.iterdir()] == [".fake-llm.lock"]
@@ -187,18 +188,18 @@ def test_interrupted_preparation_leaves_no_complete_looking_dir(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        assets._prepared(dest, stamp, crash)
+        gguf._prepared(dest, stamp, crash)
     assert not dest.exists() and not list(dest.parent.glob(".m.*.tmp"))
     builds = []
-    assets._prepared(dest, stamp, lambda out: builds.append((out / "model.safetensors").write_bytes(b"whole")))
-    assets._prepared(dest, stamp, lambda out: builds.append("again"))
+    gguf._prepared(dest, stamp, lambda out: builds.append((out / "model.safetensors").write_bytes(b"whole")))
+    gguf._prepared(dest, stamp, lambda out: builds.append("again"))
     assert len(builds) == 1 and (dest / "model.safetensors").read_bytes() == b"whole"
 
 
 def test_smollm2_tokenizer_alone_keeps_its_chat_template():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir("smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.tokenizer_dir("smollm2-135m-instruct"))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert "You are a helpful AI assistant named SmolLM" in text  # the default system prompt survived

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from vlsafe.cli import main
-from vlsafe.data.records import Conversation, Prompt, Turn
+from vlsafe.data.records import Conversation, Turn
 
 STOP = {"a", "an", "the", "to", "of", "how", "for", "and", "or", "on", "in", "that", "can", "i", "you", "your", "my",
         "me", "what", "is", "are", "do", "with", "someone", "be", "it", "from", "into", "about", "give", "write",

@@ -37,9 +37,9 @@ def pico_llm(seed: int = 0):
     """A tiny random Llama with a real tokenizer (SmolLM2's, with its chat template), for tests."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from vlsafe import assets
+    from vlsafe.model import gguf
 
-    tokenizer = load_tokenizer(assets.tokenizer_dir(PICO_TOKENIZER_FROM))
+    tokenizer = load_tokenizer(gguf.tokenizer_dir(PICO_TOKENIZER_FROM))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -63,13 +63,13 @@ def resolve_llm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, tr
     """(model, tokenizer) for a spec: 'pico', a preset name, a local HF dir or .gguf file, or a hub id."""
     from transformers import AutoModelForCausalLM
 
-    from vlsafe import assets
+    from vlsafe.model import gguf
 
     if spec == "pico":
         return pico_llm(seed)
     presets = llm_presets()
     if spec in presets:
-        spec = str(assets.llm_dir(spec))
+        spec = str(gguf.llm_dir(spec))
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():

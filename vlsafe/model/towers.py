@@ -98,7 +98,7 @@ def _efficientnet() -> TowerSpec:
 
 
 def _hf(spec: str, feature_layer: int, select_strategy: str | None, trust_remote_code: bool) -> TowerSpec:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor
 
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
