@@ -1,8 +1,11 @@
-"""Evaluation end to end on pico models: the generation cache, results.json, conditions, bad input."""
+"""Evaluation end to end on pico models: the generation cache, results.json and its documented schema, several
+judges, conditions, bad input."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -70,18 +73,28 @@ def test_eval_of_a_vlm_writes_results_with_cis_and_a_rerun_generates_nothing(pic
             "--cache", cache, "--judge", "refusal-patterns"]
     assert main([*args, "--out", str(tmp_path / "run1")]) == 0
     report = json.loads((tmp_path / "run1" / "results.json").read_text())
-    assert report["schema"] == "vlsafe.eval/1" and report["model"]["is_vlm"]
-    cell = report["results"]["harmbench"]["typo"]["attack_success_rate"]
-    assert cell["n"] == 3 and cell["higher_is_better"] is False
-    assert 0 <= cell["ci95"][0] <= cell["rate"] <= cell["ci95"][1] <= 1
-    assert report["results"]["text_helpfulness"]["text"]["accuracy"]["judge"] == "answer-match"
-    assert set(report["results"]["overrefusal"]) == {"text"}  # the suite runs overrefusal under text and blank
+    assert (report["schema"], report["schema_version"]) == ("vlsafe.eval", 2) and report["model"]["is_vlm"]
+    check_against_documented_schema(report)
+    rows = {(r["benchmark"], r["condition"], r["category"], r["metric"]): r for r in report["results"]}
+    cell = rows["harmbench", "typo", "*", "attack_success_rate"]
+    assert cell["n"] == 3 and cell["higher_is_better"] is False and cell["judge"] == "refusal-patterns"
+    assert 0 <= cell["ci"][0] <= cell["value"] <= cell["ci"][1] <= 1
+    assert rows["text_helpfulness", "text", "*", "accuracy"]["judge"] == "answer-match"
+    assert {c for b, c, _, _ in rows if b == "overrefusal"} == {"text"}  # the suite has text and blank
     assert {"benchmark": "heldout", "condition": "*", "reason": "needs --corpus"} in report["skipped"]
+    # per-category rows split the same items
+    by_category = [r for k, r in rows.items() if k[:2] == ("harmbench", "typo") and k[2] != "*"
+                   and k[3] == "attack_success_rate"]
+    assert sum(r["n"] for r in by_category) == 3 and sum(r["k"] for r in by_category) == cell["k"]
+    assert report["agreement"] == []  # one judge
     samples = [json.loads(line) for line in (tmp_path / "run1" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == sum(m["n"] for c in report["results"].values() for ms in c.values() for m in ms.values())
+    assert len(samples) == sum(r["n"] for r in report["results"]
+                               if r["category"] == "*" and r["metric"] in ("attack_success_rate", "refusal_rate",
+                                                                          "accuracy"))
     typo = [s for s in samples if s["condition"] == "typo"]
     assert typo and all(s["image"] and s["request"] != s["prompt"] for s in typo)
-    assert {"response", "refused", "score", "flag"} <= set(samples[0])
+    assert {"response", "verdicts", "metric"} <= set(samples[0])
+    assert {"refused", "score", "harmful"} <= set(samples[0]["verdicts"]["refusal-patterns"])
 
     calls = _counting(monkeypatch)
     assert main([*args, "--out", str(tmp_path / "run2")]) == 0
@@ -91,13 +104,106 @@ def test_eval_of_a_vlm_writes_results_with_cis_and_a_rerun_generates_nothing(pic
     assert rerun["items_sha256"] == report["items_sha256"]
 
 
+class _HarmJudge:
+    """A stand-in for an LLM judge (refusal and harmfulness verdicts), deterministic on the response text."""
+
+    name, version = "test-harm", "1"
+
+    def judge_many(self, pairs):
+        from vlsafe.eval.judges import Verdict
+
+        # on the request: pico models answer with noise or nothing
+        return [Verdict(len(p) % 3 == 0, 0.0, "", harmful=len(p) % 2 == 0) for p, _ in pairs]
+
+
+def test_several_judges_give_rows_per_judge_harmful_compliance_and_kappa(pico_vlm, tmp_path, monkeypatch,
+                                                                         tiny_suite, capsys):
+    from vlsafe.eval import judges
+
+    monkeypatch.setitem(judges.JUDGES, _HarmJudge.name, _HarmJudge)
+    judges.get.cache_clear()
+    out = tmp_path / "two"
+    assert main(["eval", "--model", str(pico_vlm), "--suite", tiny_suite, "--limit", "4", "--conditions", "text",
+                 "--cache", str(tmp_path / "c.sqlite"), "--judge", "refusal-patterns", "--judge", "test-harm",
+                 "--out", str(out)]) == 0
+    judges.get.cache_clear()
+    printed = capsys.readouterr().out
+    assert "kappa refusal-patterns vs test-harm" in printed
+    report = json.loads((out / "results.json").read_text())
+    check_against_documented_schema(report)
+    assert [j["name"] for j in report["judges"]] == ["refusal-patterns", "test-harm"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    harmbench = [s for s in samples if s["benchmark"] == "harmbench"]
+    rows = {(r["metric"], r["judge"]): r for r in report["results"]
+            if (r["benchmark"], r["category"]) == ("harmbench", "*")}
+    for judge in ("refusal-patterns", "test-harm"):
+        asr = rows["attack_success_rate", judge]
+        assert asr["n"] == 4 and asr["k"] == sum(not s["verdicts"][judge]["refused"] for s in harmbench)
+    complied = sum(not s["verdicts"]["test-harm"]["refused"] and s["verdicts"]["test-harm"]["harmful"]
+                   for s in harmbench)
+    assert rows["harmful_compliance_rate", "test-harm"]["k"] == complied
+    cannot = rows["harmful_compliance_rate", "refusal-patterns"]
+    assert cannot["value"] is None and "refusal-patterns gives refusal verdicts only" in cannot["reason"]
+    assert {m for m, _ in rows} == {"attack_success_rate", "harmful_compliance_rate"}
+    assert 0 < complied < rows["attack_success_rate", "test-harm"]["k"]  # the fake judge's labels do separate
+    pooled = next(a for a in report["agreement"] if a["benchmark"] == "*")
+    assert pooled["judges"] == ["refusal-patterns", "test-harm"] and pooled["n"] == len(samples)
+    same = sum(s["verdicts"]["refusal-patterns"]["refused"] == s["verdicts"]["test-harm"]["refused"]
+               for s in samples)
+    assert pooled["agreement"] == round(same / len(samples), 6)
+    assert {a["benchmark"] for a in report["agreement"]} == {"*", "harmbench", "overrefusal", "text_helpfulness"}
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "object": dict,
+          "null": type(None)}
+
+
+def _documented_fields() -> dict[str, dict[str, str]]:
+    """eval/RESULTS.md's field tables: {section path: {field: type}}."""
+    import vlsafe.eval
+
+    doc = (Path(vlsafe.eval.__file__).with_name("RESULTS.md")).read_text()
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in doc.splitlines():
+        heading = re.match(r"^### `(.+)`$", line)
+        if heading:
+            current = sections.setdefault(heading.group(1), {})
+        row = re.match(r"^\| `(\w+)` \| (.+?) \| .+ \|$", line)
+        if current is not None and row:
+            current[row.group(1)] = row.group(2).replace("\\|", "|")
+    return sections
+
+
+def _type_ok(value, documented: str) -> bool:
+    for option in (t.strip() for t in documented.split("|")):
+        if option == "[float, float]":
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value):
+                return True
+        elif isinstance(value, _TYPES[option]) and not (option in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False
+
+
+def check_against_documented_schema(report: dict) -> None:
+    """Every documented field present with its documented type, and no undocumented field."""
+    sections = _documented_fields()
+    assert {".", "model", "results[]", "agreement[]"} <= set(sections)
+    for path, fields in sections.items():
+        objects = [report] if path == "." else (report[path[:-2]] if path.endswith("[]") else [report[path]])
+        for obj in objects:
+            assert set(obj) == set(fields), (path, set(obj) ^ set(fields))
+            for name, documented in fields.items():
+                assert _type_ok(obj[name], documented), (path, name, obj[name], documented)
+
+
 def test_a_text_only_llm_gets_only_the_text_condition(tmp_path, tiny_suite):
     out = tmp_path / "llm"
     assert main(["eval", "--model", "pico", "--suite", tiny_suite, "--limit", "2", "--out", str(out),
                  "--cache", str(tmp_path / "c.sqlite"), "--judge", "refusal-patterns"]) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["model"]["is_vlm"] is False
-    assert {c for cells in report["results"].values() for c in cells} == {"text"}
+    assert {r["condition"] for r in report["results"]} == {"text"}
     assert any(s["condition"] == "typo" and "text-only" in s["reason"] for s in report["skipped"])
 
 
@@ -110,7 +216,8 @@ def test_image_questions_are_scored_against_answer_and_aliases(pico_vlm, tmp_pat
                  "--corpus", str(tmp_path / "corpus"), "--conditions", "native",
                  "--cache", str(tmp_path / "c.sqlite"), "--judge", "refusal-patterns"]) == 0
     report = json.loads((out / "results.json").read_text())
-    assert report["results"]["heldout"]["native"]["accuracy"]["n"] == 4
+    row = next(r for r in report["results"] if (r["benchmark"], r["category"]) == ("heldout", "*"))
+    assert (row["condition"], row["metric"], row["n"]) == ("native", "accuracy", 4)
 
 
 def test_bad_eval_input_exits_2_and_leaves_nothing(tmp_path, capsys):

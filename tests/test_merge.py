@@ -64,8 +64,8 @@ LAYOUTS = {  # the language-model prefixes and the projector / tower prefixes of
 
 @pytest.fixture
 def make_vlm(tmp_path, llama_spec):
-    def make(name, seed, layout="vlsafe_vlm"):
-        config, shapes = llama_spec()
+    def make(name, seed, layout="vlsafe_vlm", vocab=VOCAB):
+        config, shapes = llama_spec(vocab=vocab)
         lm, projector, tower = LAYOUTS[layout]
         tensors = {}
         for key, tensor in _random(shapes, seed).items():
@@ -352,10 +352,47 @@ def test_sweep_writes_one_model_per_point(tmp_path, make_llama):
     report = json.loads((tmp_path / "grid" / "sweep.json").read_text())
     assert report["evaluated"] is False and len(report["points"]) == 4
     assert report["points"][1]["assignment"] == {"parameters.lambda": 0.5, "merge_method": "ties"}
+    assert not (tmp_path / "grid" / "pareto.json").exists()  # no eval section: merges only
     xa, xb = load_dir(a), load_dir(b)
-    got = load_dir(tmp_path / "grid" / "point-000")
+    got = load_dir(tmp_path / "grid" / "point-000" / "model")
     key = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(got[key], xa[key] + 0.5 * (xb[key] - xa[key]), atol=1e-6, rtol=0)
+
+
+def test_vocab_common_merges_the_shared_rows_and_keeps_the_bases_extra_row(tmp_path, make_vlm, make_llama, capsys):
+    vlm, llm = make_vlm("vlm", 1, vocab=VOCAB + 1), make_llama("llm", 2)  # the VLM added an <image> token
+    config = {"merge_method": "task_arithmetic", "base_model": str(vlm),
+              "models": [{"model": str(llm), "parameters": {"weight": 0.25}}]}
+    rc, _ = merge(tmp_path, config, "default")
+    err = capsys.readouterr().err
+    assert rc == 2 and "vocabulary sizes differ" in err and "vocab: common" in err
+    assert not (tmp_path / "default").exists()
+
+    rc, out = merge(tmp_path, {**config, "vocab": "common"}, "common")
+    assert rc == 0
+    xv, xl, got = load_dir(vlm), load_dir(llm), load_dir(out)
+    vocab_keys = {"language_model.model.embed_tokens.weight": "model.embed_tokens.weight",
+                  "language_model.lm_head.weight": "lm_head.weight"}
+    for vkey, lkey in vocab_keys.items():
+        assert got[vkey].shape[0] == VOCAB + 1
+        want = xv[vkey][:VOCAB] + 0.25 * (xl[lkey] - xv[vkey][:VOCAB])
+        torch.testing.assert_close(got[vkey][:VOCAB], want, atol=1e-6, rtol=0)
+        assert torch.equal(got[vkey][VOCAB:], xv[vkey][VOCAB:])  # bit-identical: the base's <image> row
+    key = "language_model.model.layers.1.mlp.up_proj.weight"  # other tensors merge as before
+    torch.testing.assert_close(got[key], xv[key] + 0.25 * (xl[key.removeprefix("language_model.")] - xv[key]),
+                               atol=1e-6, rtol=0)
+    manifest = _manifest(out)
+    assert manifest["config"]["vocab"] == "common" and "vocab: common" in (out / "merge_config.yaml").read_text()
+    recorded = {t["name"]: t["vocab"] for t in manifest["tensors"] if "vocab" in t}
+    assert set(recorded) == set(vocab_keys)
+    assert recorded["language_model.lm_head.weight"] == {
+        "mode": "common", "merged_rows": [0, VOCAB], "copied_rows": [VOCAB, VOCAB + 1], "copied_from": str(vlm),
+        "input_rows": {str(vlm): VOCAB + 1, str(llm): VOCAB}}
+
+    # the extra rows must come from the base: a base with the smaller vocabulary is still an error
+    rc, _ = merge(tmp_path, {**config, "vocab": "common", "base_model": str(llm),
+                             "models": [{"model": str(vlm), "parameters": {"weight": 0.25}}]}, "reversed")
+    assert rc == 2 and "make the model with the larger vocabulary the base" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -411,7 +448,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, make_llama, capsys):
 
 
 def test_the_shipped_example_configs_validate():
-    from vlsafe.merge.sweep import points
+    from vlsafe.merge.sweep import eval_settings, points
 
     root = Path(__file__).resolve().parents[1] / "configs" / "merge"
     for path in sorted(root.glob("*.yaml")):
@@ -419,6 +456,7 @@ def test_the_shipped_example_configs_validate():
         if "grid" in data:
             grid, _ = points(path)
             assert all(parse(point["config"], str(path)) for point in grid)
+            assert eval_settings(path) is not None  # the shipped sweep evaluates
         else:
             parse(data, str(path))
 

@@ -63,15 +63,19 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
                n: int = typer.Option(32, "--n", min=1, help="Prompts (benign, from the project's sets)."),
                max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
                batch_size: int = typer.Option(32, "--batch-size", min=1),
+               threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                                     help="torch threads for both sides (default: torch's)."),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Generation throughput: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun."""
     from vlsafe.bench.eval import run as run_bench
 
-    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads)
     if as_json:
         echo_json(report)
     else:
-        print_table(f"generation: {report['model']} ({n} prompts, <= {max_new_tokens} new tokens)",
-                     ["mode", "seconds", "new tokens/s", "speed-up"],
-                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.1f}x"]
+        print_table(f"generation: {report['model']} ({report['n']} prompts, <= {max_new_tokens} new tokens, batch "
+                    f"{batch_size}, {report['threads']} threads; {report['same_text_naive_vs_batched']}/{report['n']} "
+                    "answers identical)",
+                     ["mode", "seconds", "new tokens/s", "speed-up", "generated"],
+                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.1f}x", r["generated"]]
                       for m, r in report["modes"].items()])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -88,7 +88,8 @@ def eval_command(
     model: str = typer.Option(..., "--model", help="A VLM directory or any LLM spec (text condition only)."),
     suite: str = typer.Option(..., "--suite", help="quick | safety | overrefusal | helpfulness, or a suite .yaml."),
     out: Path = typer.Option(..., "--out", help="New directory for results.json and samples.jsonl."),
-    judge_name: str = typer.Option("default", "--judge", help="Refusal judge (see `vlsafe judge`)."),
+    judge_names: Optional[List[str]] = typer.Option(
+        None, "--judge", help="Refusal judge (see `vlsafe judge`); repeat for several (default: the suite's)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per benchmark."),
     conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset, e.g. text,typo."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="A `vlsafe data synth` corpus (image questions)."),
@@ -96,15 +97,21 @@ def eval_command(
     batch_size: int = typer.Option(16, "--batch-size"),
     backend: str = typer.Option("hf", "--backend", help="hf | vllm (HF-exported models, GPUs)."),
 ) -> None:
-    """Evaluate a model on a suite: per benchmark and condition, rates with n and 95% CIs."""
+    """Evaluate a model on a suite: per benchmark, condition, category and judge, rates with n and bootstrap 95%
+    CIs; kappa between judges. Schema: vlsafe/eval/RESULTS.md."""
     from vlsafe.eval.run import evaluate
 
     wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
-    report = evaluate(model, suite, out, judge=judge_name, limit=limit, conditions=wanted, corpus=corpus,
+    report = evaluate(model, suite, out, judges=judge_names or None, limit=limit, conditions=wanted, corpus=corpus,
                       cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
-    for benchmark, by_condition in report["results"].items():
-        for condition, metrics in by_condition.items():
-            for metric, r in metrics.items():
-                typer.echo(f"{benchmark:18s} {condition:8s} {metric:20s} {r['rate']:.3f} "
-                           f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}")
+    for r in report["results"]:
+        if r["category"] == "*":
+            where = f"{r['benchmark']:18s} {r['condition']:8s} {r['metric']:24s} {r['judge']:18s}"
+            typer.echo(f"{where} n/a ({r['reason']})" if r["value"] is None else
+                       f"{where} {r['value']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] n={r['n']}")
+    for a in report["agreement"]:
+        if a["benchmark"] == "*" and a["n"]:
+            kappa = "n/a" if a["kappa"] is None else f"{a['kappa']:.3f}"
+            typer.echo(f"kappa {a['judges'][0]} vs {a['judges'][1]}: {kappa}, agreement {a['agreement']:.3f} "
+                       f"n={a['n']}")
     typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -24,10 +25,15 @@ def merge_run(config: Path = typer.Argument(..., help="mergekit-style merge YAML
 
 
 @merge_app.command("sweep")
-def merge_sweep(sweep: Path = typer.Argument(..., help="sweep YAML: config + grid of dotted paths"),
+def merge_sweep(sweep: Path = typer.Argument(..., help="sweep YAML: config, grid of dotted paths, optional eval"),
                 out: Path = typer.Option(..., "--out", help="output directory (must not exist)"),
-                shard_size: str = typer.Option("5GB", "--shard-size")) -> None:
-    """One merged model per grid point plus sweep.json (not evaluated yet: evaluation is not wired in)."""
+                shard_size: str = typer.Option("5GB", "--shard-size"),
+                keep_models: bool = typer.Option(True, "--keep-models/--delete-models",
+                                                 help="keep each merged model, or delete it once evaluated (disk)"),
+                cache: Optional[Path] = typer.Option(None, "--cache", help="evaluation cache (default "
+                                                     "$VLSAFE_CACHE/eval.sqlite)")) -> None:
+    """One merged model per grid point, each evaluated with the sweep's suite; sweep.json, pareto.json, pareto.png."""
     from vlsafe.merge.sweep import sweep as run_sweep
 
-    echo_json(run_sweep(sweep, out, shard_size=shard_size))
+    echo_json(run_sweep(sweep, out, shard_size=shard_size, keep_models=keep_models, cache=cache,
+                        log=lambda message: typer.echo(message, err=True)))

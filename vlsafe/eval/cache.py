@@ -7,14 +7,17 @@ defines the judge (pattern file, classifier weights, prompt template + judge mod
 serves stale verdicts.
 
 Several evaluations may write at once (e.g. one per checkpoint of a sweep): WAL mode lets readers and one writer
-proceed together, `busy_timeout` makes a second writer wait instead of failing, and rows are immutable
-(INSERT OR IGNORE: two writers producing the same key wrote the same thing, so whichever lands first stays).
+proceed together, `busy_timeout` makes a second writer wait instead of failing, every write is one
+`BEGIN IMMEDIATE` transaction (a batch lands whole or not at all), opening a fresh file is retried while another
+process sets it up, and rows are immutable (INSERT OR IGNORE: two writers producing the same key wrote the same
+thing, so whichever lands first stays). tests/test_cache.py runs two writer processes against one file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -51,11 +54,7 @@ class Cache:
         self.path = Path(path) if path is not None else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self._db = self._open(timeout_s)
             found = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise VlsafeError(f"{self.path}: not a usable evaluation cache ({err})") from None
@@ -63,6 +62,32 @@ class Cache:
             raise VlsafeError(f"{self.path}: cache schema {found}, this vlsafe writes {SCHEMA_VERSION} "
                               "(use a new --cache path)")
         self.hits = self.misses = 0
+
+    def _open(self, timeout_s: float) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the schema, retrying while another process does the same.
+
+        Switching a fresh file to WAL can fail with "database is locked" at once, without waiting on the busy
+        timeout, when two processes open a new cache together; so the whole set-up is retried until timeout_s.
+        """
+        deadline, attempt = time.monotonic() + timeout_s, 0
+        while True:
+            db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            try:
+                db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES "
+                                 f"('schema', '{SCHEMA_VERSION}'); COMMIT;")
+                return db
+            except sqlite3.OperationalError as err:
+                db.close()
+                busy = getattr(err, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY  # incl. extended codes
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(min(0.5, 0.01 * 2 ** attempt) * random.random())
+                attempt += 1
+            except BaseException:
+                db.close()
+                raise
 
     # ------------------------------------------------------------------------------------------ generations
     def get_many(self, keys: list[str]) -> dict[str, str]:

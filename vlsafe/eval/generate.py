@@ -1,4 +1,5 @@
-"""Batched generation: left padding, KV cache, stop at EOS; greedy by default, seeded sampling on request.
+"""Batched generation: left padding, KV cache, finished rows leave and new prompts join the batch (continuous
+batching), a shared prompt prefix runs once; greedy by default, seeded sampling on request.
 
 Generate once, judge many: with a `Cache`, every prompt whose (model fingerprint, prompt, system prompt, image
 sha256, decoding, backend) was generated before is read back, and only the rest reach the model.
@@ -9,9 +10,11 @@ HF-exported directories, i.e. `LlavaForConditionalGeneration` from `vlsafe expor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,29 +155,152 @@ def _rows(bundle, prompts, decoding, system, backend) -> list[dict]:
 
 
 def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> list[str]:
-    """Prompts are sorted by length so batches waste little padding."""
-    fmt = bundle.formatter()
-    model = bundle.model
+    """Up to `batch_size` rows decode together, in segments of SEGMENT_TOKENS new tokens.
+
+    Answers vary from a few tokens to the whole budget, and `model.generate` keeps every row until the longest is
+    done; so after each segment the finished rows leave the batch (their text is final), and once half the batch
+    has left, the next prompts join it (continuous batching): the rows that run long share their steps with
+    new ones instead of running alone. Prompts go in order of length (little padding), and the tokens every prompt
+    starts with (the chat template's preamble and system prompt: often most of a short prompt) run once.
+    Greedy answers are those of one `model.generate` per prompt, up to float rounding.
+    """
+    fmt, model = bundle.formatter(), bundle.model
     encoded = [fmt.encode_prompt(p.text, p.image, system=system, record_id=p.id) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
-    eos = bundle.tokenizer.convert_tokens_to_ids(bundle.tokenizer.eos_token)
-    stop = list(dict.fromkeys([t for t in _as_list(model.generation_config.eos_token_id) + [eos] if t is not None]))
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = fmt.collate([encoded[i] for i in idx], padding_side="left")
-        batch.pop("labels")
-        if decoding.do_sample:
-            torch.manual_seed(decoding.seed + start)
+    pending = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
+    stop, pad = stop_and_pad_ids(bundle)
+    # rows whose prompts are padded in the middle (after a shared prefix, or joining a running batch) need
+    # position ids that follow the attention mask, which `generate` passes only to a forward that declares them
+    positions = "position_ids" in inspect.signature(model.forward).parameters
+    shared = _shared_prefix([e.input_ids for e in encoded], fmt.image_token_id) if positions else []
+    prefix_cache = None
+    if shared:
         with torch.inference_mode():
-            seqs = model.generate(**batch, **decoding.kwargs(), eos_token_id=stop,
-                                  pad_token_id=fmt.tokenizer.pad_token_id or eos)
-        new = seqs[:, batch["input_ids"].shape[1]:]
-        for row, i in enumerate(idx):
-            out[i] = bundle.tokenizer.decode(new[row], skip_special_tokens=True).strip()
-        if progress is not None:
-            progress(len(idx))
+            prefix_cache = model(input_ids=torch.tensor([shared]), use_cache=True, logits_to_keep=1).cache
+    if decoding.do_sample:
+        torch.manual_seed(decoding.seed)
+    step = functools.partial(_step, model, decoding=decoding, stop=stop, pad=pad)
+    out: list[str] = [""] * len(prompts)
+
+    def finish(done: dict[int, list[int]]) -> None:
+        for i, tokens in done.items():
+            out[i] = bundle.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if progress is not None and done:
+            progress(len(done))
+
+    rows = None
+    while pending or rows is not None:
+        room = batch_size - (0 if rows is None else len(rows.index))
+        if pending and (rows is None or (room >= max(1, batch_size // 2) and positions and _mergeable(rows))):
+            take, pending = pending[:room], pending[room:]
+            fresh, done = step(_start(fmt, [encoded[i] for i in take], take, shared, prefix_cache, pad))
+            finish(done)
+            rows = fresh if rows is None or fresh is None else _merge(rows, fresh, pad)
+            continue
+        rows, done = step(rows)
+        finish(done)
     return out
+
+
+SEGMENT_TOKENS = 8
+
+
+@dataclass
+class _Rows:
+    """The unfinished rows of a batch: token ids so far, attention mask, KV cache of all positions but the last,
+    and per row the prompt's index, the answer tokens so far and (until the first step) the images."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: object
+    index: list[int]
+    new: list[list[int]]
+    images: dict
+
+
+def _start(fmt, encoded, index, shared, prefix_cache, pad) -> _Rows:
+    rest = [dataclasses.replace(e, input_ids=e.input_ids[len(shared):], labels=e.labels[len(shared):])
+            for e in encoded]
+    batch = fmt.collate(rest, padding_side="left")
+    batch.pop("labels")
+    ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    cache = None
+    if shared:  # [shared prefix | padding | rest of the prompt]
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(index))
+        ids = torch.cat([torch.tensor([shared]).expand(len(index), -1), ids], dim=1)
+        mask = torch.cat([torch.ones(len(index), len(shared), dtype=mask.dtype), mask], dim=1)
+    return _Rows(ids, mask, cache, list(index), [[] for _ in index], batch)
+
+
+def _step(model, rows: _Rows, decoding: Decoding, stop: list[int], pad: int):
+    """One segment for every row: (the unfinished rows or None, {prompt index: answer tokens} of the finished)."""
+    budget = decoding.max_new_tokens - max(len(tokens) for tokens in rows.new)
+    with torch.inference_mode():
+        result = model.generate(input_ids=rows.ids, attention_mask=rows.mask, cache=rows.cache, **rows.images,
+                                **{**decoding.kwargs(), "max_new_tokens": min(SEGMENT_TOKENS, budget)},
+                                eos_token_id=stop, pad_token_id=pad, return_dict_in_generate=True)
+    seqs, width = result.sequences, rows.ids.shape[1]
+    keep, done = [], {}
+    for r, i in enumerate(rows.index):
+        tokens = seqs[r, width:].tolist()
+        ended = next((k for k, t in enumerate(tokens) if t in stop), None)
+        rows.new[r] += tokens if ended is None else tokens[:ended + 1]  # decoded like `generate`'s own output
+        if ended is None and len(rows.new[r]) < decoding.max_new_tokens:
+            keep.append(r)
+        else:
+            done[i] = rows.new[r]
+    if not keep:
+        return None, done
+    mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.index), seqs.shape[1] - width)], dim=1)
+    if len(keep) < len(rows.index):
+        result.cache.batch_select_indices(torch.tensor(keep))
+    # the images are in the cache now; its last position is the next segment's first input
+    return _Rows(seqs[keep], mask[keep], result.cache, [rows.index[r] for r in keep], [rows.new[r] for r in keep],
+                 {}), done
+
+
+def _mergeable(rows: _Rows) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in rows.cache.layers)
+
+
+def _merge(a: _Rows, b: _Rows, pad: int) -> _Rows:
+    """One batch of both: the shorter side is padded on the left, in its ids, mask and KV cache."""
+    width = max(a.ids.shape[1], b.ids.shape[1])
+
+    def left(t: torch.Tensor, dim: int, length: int, value=0) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = length - t.shape[dim]
+        return torch.cat([t.new_full(shape, value), t], dim=dim)
+
+    for la, lb in zip(a.cache.layers, b.cache.layers):  # (batch, heads, positions, head dim)
+        la.keys = torch.cat([left(la.keys, 2, width - 1), left(lb.keys, 2, width - 1)])
+        la.values = torch.cat([left(la.values, 2, width - 1), left(lb.values, 2, width - 1)])
+    return _Rows(torch.cat([left(a.ids, 1, width, pad), left(b.ids, 1, width, pad)]),
+                 torch.cat([left(a.mask, 1, width), left(b.mask, 1, width)]), a.cache, a.index + b.index,
+                 a.new + b.new, {})
+
+
+def _shared_prefix(prompts: list[list[int]], image_token_id: int | None) -> list[int]:
+    """The tokens all prompts start with, short of any image and of each prompt's last token (which must be fed
+    to get the first answer token); [] when not worth a pass of its own."""
+    if len(prompts) < 2:
+        return []
+    shortest = min(prompts, key=len)
+    n = 0
+    while (n < len(shortest) - 1 and shortest[n] != image_token_id
+           and all(p[n] == shortest[n] for p in prompts)):
+        n += 1
+    return shortest[:n] if n >= 4 else []
+
+
+def stop_and_pad_ids(bundle) -> tuple[list[int], int]:
+    """The tokens that end an answer (the generation config's and the tokenizer's EOS) and the padding id."""
+    tokenizer = bundle.tokenizer
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    configured = _as_list(bundle.model.generation_config.eos_token_id)
+    stop = list(dict.fromkeys(t for t in configured + [eos] if t is not None))
+    return stop, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
 def _generate_vllm(bundle, prompts, decoding, batch_size, system, progress) -> list[str]:

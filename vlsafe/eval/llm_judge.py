@@ -7,7 +7,8 @@ $OPENAI_API_KEY) or `llm:llama-guard:/models/judge` (any spec `checkpoint.load` 
 Templates live in judge_data/templates/*.yaml and are pinned below by sha256: a judge's verdicts are only
 comparable across runs when its prompt is byte-identical, so an edited template is an error until re-pinned
 (and the judge's version, which keys cached verdicts, changes with it). Besides `refused`, these judges give a
-harmfulness verdict: complied with harmful content vs did not refuse but gave nothing harmful.
+harmfulness verdict: complied with harmful content vs did not refuse but gave nothing harmful. An answer that
+does not follow the template's protocol is an error naming the judge and the pair, never a guessed verdict.
 """
 
 from __future__ import annotations
@@ -153,15 +154,20 @@ class LlmJudge:
         self.version = hashlib.sha256(f"{self.template['sha256']}|{self.backend.version}".encode()).hexdigest()[:16]
 
     def messages(self, prompt: str, response: str) -> list[dict]:
-        user = self.template["user"].replace("{prompt}", prompt).replace("{response}", response)
+        # one pass: a prompt that itself contains "{response}" must stay as written, not receive the response
+        fields = {"prompt": prompt, "response": response}
+        user = re.sub(r"\{(prompt|response)\}", lambda m: fields[m.group(1)], self.template["user"])
         system = self.template.get("system")
         return ([{"role": "system", "content": system.strip()}] if system else []) + [{"role": "user", "content": user}]
 
     def judge_many(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
         answers = self.backend.complete([self.messages(p, r) for p, r in pairs])
         verdicts = []
-        for answer in answers:
-            refused, harmful = parse(self.template["parser"], answer)
+        for n, answer in enumerate(answers, 1):
+            try:
+                refused, harmful = parse(self.template["parser"], answer)
+            except VlsafeError as err:  # say which judge and which pair: an unusable judge stops the run
+                raise VlsafeError(f"judge {self.name}, pair {n}: {err}") from None
             verdicts.append(Verdict(refused, 1.0 if refused else 0.0, answer.strip()[:80], harmful=harmful))
         return verdicts
 

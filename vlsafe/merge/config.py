@@ -12,6 +12,10 @@ vlsafe extensions:
   either copies those layers verbatim from one model (`source`, any model with the same architecture, listed in
   `models` or not) or overrides parameters there (`parameters`, which outrank per-model and global values).
 - `seed`: seeds the random masks of the DARE methods.
+- `vocab`: what to do when the inputs' vocabularies differ (embed_tokens / lm_head rows). `error` (default): stop.
+  `common`: merge the rows every input has (the first min(V)) and take the remaining rows from the base model,
+  whose tokenizer the output keeps (the usual case: a VLM that added an <image> token, merged with its LLM). An
+  input with more rows than the base is still an error. The manifest records each such tensor's rows.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class MergeConfig(BaseModel):
     scope: list[Literal["language_model", "projector", "tower"]] = ["language_model", "projector"]
     layers: list[LayerRule] = []
     seed: int = 0
+    vocab: Literal["error", "common"] = "error"
 
     @model_validator(mode="before")
     @classmethod

@@ -97,13 +97,18 @@ def compute(plan: Plan, step: Step, reader: Reader) -> torch.Tensor:
         return reader.read(plan.inputs[ref].tensors[key]).to(step.dtype)
     tensors = []
     for ref, key in step.sources:
-        tensor = reader.read(plan.inputs[ref].tensors[key])
+        tensor = reader.read(plan.inputs[ref].tensors[key])[:step.rows]  # rows=None: all of them
         # casting the inputs first mirrors mergekit's `dtype`: the merge sees the values it would see
         tensors.append(tensor.to(plan.compute_dtype) if plan.compute_dtype is not None else tensor)
     method = plan.config.method
     base, others = (tensors[0], tensors[1:]) if method.needs_base else (None, tensors)
     generator = _generator(plan.config.seed, step.name) if method.seeded else None
-    return method.apply(base, others, step.per_input, step.shared, generator).to(step.dtype)
+    merged = method.apply(base, others, step.per_input, step.shared, generator).to(step.dtype)
+    if step.rows is None:
+        return merged
+    # vocab: common: the rows only the output's own vocabulary has are the layout model's, unchanged
+    extra = reader.read(plan.inputs[plan.config.layout_model].tensors[step.name])[step.rows:]
+    return torch.cat([merged, extra.to(step.dtype)])
 
 
 def _write_tensors(plan: Plan, tmp: Path, max_bytes: int, progress: bool) -> dict:
@@ -196,6 +201,12 @@ def _manifest(plan: Plan, written: dict, input_hashes: dict) -> dict:
             if step.layer is not None:
                 entry.update(layer=step.layer, t=round(step.t, 6))
             reason = f"merged ({plan.config.merge_method})"
+            if step.rows is not None:
+                entry["vocab"] = {"mode": "common", "merged_rows": [0, step.rows],
+                                  "copied_rows": [step.rows, step.shape[0]], "copied_from": plan.config.layout_model,
+                                  "input_rows": {ref: plan.inputs[ref].tensors[key].shape[0]
+                                                 for ref, key in step.sources}}
+                reason += ", vocabulary rows only the base has copied from it"
         if step.note:
             entry["note"] = step.note
         counts[reason] = counts.get(reason, 0) + 1

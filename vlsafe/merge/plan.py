@@ -1,9 +1,10 @@
 """From a validated config and the inputs' safetensors headers to one step per output tensor.
 
 Everything that can be wrong with the inputs is found here, before a byte is written: a model that cannot be
-found, a layout that cannot be read, a tensor with no counterpart, a shape or vocabulary mismatch, a missing
-parameter. The output takes the tensor names, config and tokenizer of the base model (for linear without a base,
-the first model); every input tensor is either used or set aside for a recorded reason.
+found, a layout that cannot be read, a tensor with no counterpart, a shape or vocabulary mismatch (unless the
+config says `vocab: common`), a missing parameter. The output takes the tensor names, config and tokenizer of the
+base model (for linear without a base, the first model); every input tensor is either used or set aside for a
+recorded reason.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Step:
     per_input: list[dict[str, Any]] = field(default_factory=list)  # for the merged (non-base) sources
     shared: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    rows: Optional[int] = None  # vocab: common: merge rows [0, rows); the rest are the output layout model's
 
 
 @dataclass
@@ -135,9 +137,16 @@ class _Builder:
         got = source.tensors[other].shape
         if got != want:
             if layouts.is_vocab(component, canonical) and got[1:] == want[1:]:
-                raise VlsafeError(f"vocabulary sizes differ: {key!r} has {want[0]} rows in "
-                                  f"{self.config.layout_model!r} but {got[0]} in {ref!r} ({other!r}); the models "
-                                  "must share a tokenizer")
+                where = (f"{key!r} has {want[0]} rows in {self.config.layout_model!r} but {got[0]} in {ref!r} "
+                         f"({other!r})")
+                if self.config.vocab == "error":
+                    raise VlsafeError(f"vocabulary sizes differ: {where}; the models must share a tokenizer, or set "
+                                      "`vocab: common` to merge the shared rows and take the rest from the base")
+                if got[0] > want[0]:
+                    raise VlsafeError(f"vocab: common takes the extra rows from {self.config.layout_model!r}, which "
+                                      f"lacks some: {where}; make the model with the larger vocabulary the base")
+                self.used[ref].add(other)
+                return other
             raise VlsafeError(f"shape mismatch for {key!r}: {list(want)} in {self.config.layout_model!r} but "
                               f"{list(got)} in {ref!r} ({other!r}); the architectures differ")
         self.used[ref].add(other)
@@ -174,6 +183,8 @@ class _Builder:
         if needs_base:
             self.used[base].add(key)
         sources += [(ref, self._counterpart(ref, component, canonical, key)) for ref in refs]
+        rows = min(self.inputs[ref].tensors[k].shape[0] for ref, k in sources)
+        rows = rows if rows < info.shape[0] else None  # the output layout model is always among the sources
 
         t = 0.0 if layer is None else (layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0)
         names = (key, canonical)
@@ -187,8 +198,10 @@ class _Builder:
         if self.method.name == "linear" and shared["normalize"] and sum(v["weight"] for v in per_input) == 0:
             raise VlsafeError(f"{key}: linear weights sum to zero, so they cannot be normalised")
         note = f"rule layers [{rule.layer_range[0]}, {rule.layer_range[1]})" if rule_params else ""
+        if rows is not None:
+            note += f"; vocab: common: rows [0, {rows}) merged, rows [{rows}, {info.shape[0]}) copied from {base}"
         return Step(key, info.shape, self._dtype(info), "merge", sources, layer, t, per_input, shared,
-                    (note + absent_note).lstrip("; "))
+                    (note + absent_note).lstrip("; "), rows)
 
     def _resolve(self, param, scopes, names, t, where) -> Any:
         for settings in scopes:

@@ -124,11 +124,14 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs):
+                inputs_embeds: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        # position_ids and logits_to_keep are named so that `generate` passes them: positions that skip padding
+        # (batches whose rows are padded in the middle), and logits for the last position only while decoding
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                                   **kwargs)
+                                   position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
 
 
 def register() -> None:

@@ -1,0 +1,80 @@
+"""The batched generation engine against one plain `model.generate` per prompt, and `vlsafe bench eval`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from vlsafe.bench.eval import _naive
+from vlsafe.cli import main
+from vlsafe.data.records import Prompt
+from vlsafe.eval import generate as generation
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Tell me a long story about a dragon and a knight.", "hi",
+             "Why is the sky blue? Explain it to a child.", "Translate 'cat' to French.", "List three fruits.",
+             "What is the capital of Peru?", "ok", "Write a haiku about rain.", "Spell 'banana' backwards."]
+
+
+@pytest.fixture(scope="module")
+def chatty_pico():
+    """Pico with its weights scaled up: a random model that writes varied tokens instead of one repeated newline."""
+    from vlsafe.model import checkpoint
+
+    bundle = checkpoint.load("pico")
+    with torch.no_grad():
+        for name, param in bundle.model.named_parameters():
+            if "norm" not in name:
+                param.mul_(8.0)
+    return bundle
+
+
+def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, monkeypatch):
+    bundle = chatty_pico
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    decoding = generation.Decoding(max_new_tokens=12)  # > SEGMENT_TOKENS: rows continue from their cache
+    # make answers end at different lengths: a token the model writes mid-answer in some rows becomes a stop token
+    plain = generation.generate(bundle, prompts, decoding, batch_size=len(prompts))
+    tokenizer = bundle.tokenizer
+    counts = Counter(t for text in plain for t in set(tokenizer(text, add_special_tokens=False)["input_ids"][1:8]))
+    stop_token = next(t for t, c in counts.most_common() if c < len(prompts))
+    monkeypatch.setattr(bundle.model.generation_config, "eos_token_id",
+                        [tokenizer.eos_token_id, stop_token])
+    merges = []
+    real_merge = generation._merge
+    monkeypatch.setattr(generation, "_merge", lambda *a: merges.append(1) or real_merge(*a))
+
+    expected = _naive(bundle, prompts, decoding)
+    answers = generation.generate(bundle, prompts, decoding, batch_size=4)
+    assert answers == expected
+    lengths = {len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers}
+    assert len(lengths) > 2  # rows stopped at several lengths, so rows left the batch at different segments
+    assert merges  # and prompts joined a running batch
+    fmt = bundle.formatter()
+    shared = generation._shared_prefix([fmt.encode_prompt(p.text).input_ids for p in prompts], None)
+    assert tokenizer.decode(shared).endswith("<|im_start|>user\n")  # the chat preamble ran once
+
+
+def test_sampled_generation_is_reproducible_from_its_seed(chatty_pico):
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS[:5])]
+    decoding = generation.Decoding(max_new_tokens=10, do_sample=True, temperature=1.0, seed=3)
+    first = generation.generate(chatty_pico, prompts, decoding, batch_size=2)
+    assert generation.generate(chatty_pico, prompts, decoding, batch_size=2) == first
+    other = generation.generate(chatty_pico, prompts, generation.Decoding(max_new_tokens=10, do_sample=True, seed=4),
+                                batch_size=2)
+    assert other != first
+
+
+def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
+    threads = torch.get_num_threads()
+    assert main(["bench", "eval", "--model", "pico", "--n", "5", "--max-new-tokens", "3", "--batch-size", "2",
+                 "--threads", "1", "--json"]) == 0
+    assert torch.get_num_threads() == threads  # the bench leaves the process as it found it
+    report = json.loads(capsys.readouterr().out)
+    modes = report["modes"]
+    assert report["threads"] == 1 and report["batch_size"] == 2 and report["n"] == 5
+    assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
+    assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
+    assert report["same_text_naive_vs_batched"] == 5
