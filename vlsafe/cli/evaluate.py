@@ -17,12 +17,13 @@ def study(
     out: Path = typer.Option(Path("runs/study"), help="Output directory (a new one; a timestamp is added if it exists)."),
     llm: str = typer.Option("smollm2-135m-instruct", help="The LLM to study."),
     tower: str = typer.Option("efficientnet-lite0", help="The vision tower to attach."),
-    n_harmful: int = typer.Option(40, help="Harmful items per source (HarmBench test, StrongREJECT)."),
-    n_benign: int = typer.Option(40, help="Benign-but-scary and helpfulness items each."),
-    max_new_tokens: int = typer.Option(64),
-    seed: int = typer.Option(0),
+    n_harmful: Optional[int] = typer.Option(None, help="Items per harmful benchmark (default: the study suite's)."),
+    n_benign: Optional[int] = typer.Option(None, help="Items per over-refusal and helpfulness benchmark (default: "
+                                                      "the study suite's)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation length (default: the study suite's)."),
+    seed: int = typer.Option(0, help="Item sampling, bootstrap, decoding and the projector's initialisation."),
 ):
-    """The main job on the offline default: safety, over-refusal and helpfulness of the LLM and its VLM@0."""
+    """The main job: `vlsafe eval` of the LLM and its VLM@0 on the study suite, then a side-by-side summary."""
     import time
 
     from vlsafe.study.baseline import BaselineConfig, run_baseline
@@ -32,7 +33,7 @@ def study(
     config = BaselineConfig(llm=llm, tower=tower, n_harmful=n_harmful, n_benign=n_benign,
                             max_new_tokens=max_new_tokens, seed=seed)
     run_baseline(out, config, log=typer.echo)
-    typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
+    typer.echo(f"wrote {out}/results.json (summary), {out}/llm and {out}/vlm0 (eval runs), {out}/models/vlm0")
 
 
 judge_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,

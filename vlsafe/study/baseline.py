@@ -1,159 +1,140 @@
 """The main job until the full study DAG exists: the safety cost of bolting a vision tower onto the default LLM.
 
-It evaluates the base LLM (text only) and its VLM@0 (the same LLM + EfficientNet-Lite0 + a fresh projector) on the
-same held-out items: harmful requests (HarmBench test + StrongREJECT) as text, with a blank image and FigStep-style
-typographic images; benign-but-scary prompts (over-refusal); and questions with checkable answers (helpfulness).
-Every rate carries n and a 95% Wilson interval; results.json records seeds, item ids, model hashes, the judge and
-library versions, and samples.jsonl every response.
+It builds VLM@0 (the LLM + a vision tower + a fresh, seeded projector) and runs `vlsafe eval` (`eval.run.evaluate`,
+the one evaluation path) on the LLM and on VLM@0 with the `study` suite: harmful requests as text, with a blank
+image and as FigStep-style typographic images; benign-but-scary prompts (over-refusal); questions with checkable
+answers (helpfulness). The LLM runs the text condition only, on the same items, so the two compare item by item.
+
+Layout of `out`:
+  study.yaml         the suite as run: the packaged suite with the study's sample sizes, seed and length applied
+  models/vlm0/       the VLM@0 checkpoint (its vlsafe.json records how it was built)
+  llm/, vlm0/        one `vlsafe eval` output per model: results.json (schema vlsafe.eval v2), samples.jsonl
+  results.json       the study's summary (schema vlsafe.study v1), written last: a study without it is unfinished
 """
 
 from __future__ import annotations
 
-import random
+import json
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
-from vlsafe.io import atomic_dir, versions, write_json
+
+SCHEMA, SCHEMA_VERSION = "vlsafe.study", 1
+COLUMNS = [("llm", "text"), ("vlm0", "text"), ("vlm0", "blank"), ("vlm0", "typo")]
+HEADLINE = {"attack_success_rate": "ASR", "refusal_rate": "refusal", "accuracy": "accuracy"}
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
     llm: str = "smollm2-135m-instruct"
     tower: str = "efficientnet-lite0"
-    n_harmful: int = 40  # per harmful source
-    n_benign: int = 40
-    max_new_tokens: int = 64
+    suite: str = "study"  # a suite name or .yaml path; the options below override it
+    n_harmful: int | None = None  # items per harmful benchmark; None: the suite's sample sizes
+    n_benign: int | None = None  # items per other benchmark (over-refusal, helpfulness); None: the suite's
+    max_new_tokens: int | None = None  # None: the suite's
+    seed: int = 0  # item sampling, the bootstrap, decoding and the projector's initialisation
+    judges: tuple[str, ...] | None = None  # None: the suite's
     batch_size: int = 16
-    seed: int = 0
-    judge: str = "default"
+    cache: str | None = None  # evaluation cache (SQLite); None: the shared one under VLSAFE_CACHE
 
 
-def _sample(prompts: list[Prompt], n: int, seed: int) -> list[Prompt]:
-    prompts = sorted(prompts, key=lambda p: p.id)
-    return random.Random(seed).sample(prompts, min(n, len(prompts)))
+def study_suite(config: BaselineConfig) -> tuple[str, dict]:
+    """The suite with the study's options applied; a benchmark's registered metric says whether it is harmful."""
+    from vlsafe.eval.benchmarks import BENCHMARKS
+    from vlsafe.eval.run import load_suite
 
-
-def answer_correct(response: str, prompt: Prompt) -> bool:
-    from vlsafe.eval.metrics import answer_correct as correct
-
-    return correct(response, prompt.answer, prompt.meta.get("aliases", []))
-
-
-def items(config: BaselineConfig) -> dict[str, list[Prompt]]:
-    from vlsafe.eval import benchmarks
-
-    harmful = (_sample(benchmarks.get("harmbench").load(), config.n_harmful, config.seed)
-               + _sample(benchmarks.get("strongreject").load(), config.n_harmful, config.seed))
-    scary = _sample([p for p in benchmarks.get("overrefusal").load() if p.label == "benign"], config.n_benign,
-                    config.seed)
-    helpful = _sample(benchmarks.get("text_helpfulness").load(), config.n_benign, config.seed)
-    return {"harmful": harmful, "benign_scary": scary, "helpfulness": helpful}
+    for option in ("n_harmful", "n_benign", "max_new_tokens"):
+        if getattr(config, option) is not None and getattr(config, option) < 1:
+            raise VlsafeError(f"--{option.replace('_', '-')} must be at least 1 (got {getattr(config, option)})")
+    name, spec = load_suite(config.suite)
+    suite = spec.model_dump()
+    for entry in suite["entries"]:
+        registered = BENCHMARKS.get(entry["benchmark"])
+        if registered is None:
+            continue  # e.g. heldout (needs a corpus): left as the suite has it
+        n = config.n_harmful if registered.metric == "attack_success_rate" else config.n_benign
+        entry["sample"] = entry["sample"] if n is None else n
+    suite["description"] += (f" [study options: n_harmful={config.n_harmful}, n_benign={config.n_benign}, "
+                             f"max_new_tokens={config.max_new_tokens}, seed={config.seed}; None = the suite's]")
+    suite["seed"] = config.seed
+    suite["max_new_tokens"] = config.max_new_tokens or suite["max_new_tokens"]
+    return name, suite
 
 
 def run_baseline(out: str | Path, config: BaselineConfig = BaselineConfig(), log=print) -> dict:
-    from vlsafe.eval.generate import Decoding
-    from vlsafe.eval.judges import get as get_judge
+    """Build VLM@0, evaluate the LLM and VLM@0 into `out`/llm and `out`/vlm0; returns the summary results.json."""
+    import yaml
+
+    from vlsafe.eval.run import evaluate, git_hash
+    from vlsafe.io import versions, write_json
     from vlsafe.model import checkpoint
 
     out = Path(out)
     if out.exists():
         raise VlsafeError(f"{out}: output path exists (choose a new one)")
-    judge = get_judge(config.judge)
-    decoding = Decoding(max_new_tokens=config.max_new_tokens, seed=config.seed)
-    sets = items(config)
-    with atomic_dir(out) as tmp:
-        image_dir = tmp / "images"
+    name, suite = study_suite(config)
+    out.mkdir(parents=True)
+    try:  # each stage below is written atomically; a failure removes the whole study
+        suite_file = out / f"{name}.yaml"
+        suite_file.write_text(yaml.safe_dump(suite, sort_keys=False))
         log(f"building VLM@0: {config.llm} + {config.tower}")
-        vlm = checkpoint.build_vlm(config.llm, config.tower, seed=config.seed)
-        checkpoint.save(vlm, tmp / "vlm0", provenance={"command": "study baseline", "llm": config.llm,
-                                                       "tower": config.tower, "seed": config.seed})
-        llm = checkpoint.load(config.llm)
-        llm_path = Path(llm.model.name_or_path)
-        runs = [("llm", llm, "text"), ("vlm0", vlm, "text"), ("vlm0", vlm, "blank"), ("vlm0", vlm, "typo")]
-        results, samples = {}, []
-        from rich.progress import Progress
-
-        total = sum(len(p) for name, p in sets.items() for _m, _b, c in runs if name == "harmful" or c != "typo")
-        progress = Progress(transient=True)
-        task = progress.add_task("generating", total=total)
-        progress.start()  # stopped in `finally`, so a failure does not leave the terminal in a live display
-        try:
-            _run_all(runs, sets, judge, decoding, config, image_dir, progress, task, results, samples, log)
-        finally:
-            progress.stop()
-        report = {
-            "job": "baseline (VL adaptation's starting point: LLM vs VLM@0)",
-            "config": config.__dict__,
-            "judge": {"name": judge.name, "version": judge.version,
-                      "note": "refusal = full or partial refusal, or a response that does not serve the request"},
-            "models": {"llm": {"spec": config.llm, "content_sha256": _hash_or_none(llm_path)},
-                       "vlm0": {"path": "vlm0", "content_sha256": checkpoint.content_hash(tmp / "vlm0")}},
-            "items": {name: [p.id for p in prompts] for name, prompts in sets.items()},
-            "decoding": decoding.__dict__,
-            "results": results,
-            "versions": versions(),
+        vlm_dir = out / "models" / "vlm0"
+        checkpoint.save(checkpoint.build_vlm(config.llm, config.tower, seed=config.seed), vlm_dir,
+                        provenance={"command": "study", "llm": config.llm, "tower": config.tower,
+                                    "seed": config.seed})
+        reports = {}
+        judges = list(config.judges) if config.judges else None
+        for key, model in (("llm", config.llm), ("vlm0", str(vlm_dir))):
+            log(f"evaluating {key}: {model}")
+            reports[key] = evaluate(model, str(suite_file), out / key, judges=judges, cache_path=config.cache,
+                                    batch_size=config.batch_size, log=log)
+        models = {key: {"spec": report["model"]["spec"], "fingerprint": report["model"]["fingerprint"],
+                        "results": f"{key}/results.json", "items_sha256": report["items_sha256"]}
+                  for key, report in reports.items()}
+        built = json.loads((vlm_dir / "vlsafe.json").read_text())
+        models["vlm0"].update(path="models/vlm0", content_sha256=built["content_sha256"],
+                              built_from=built["provenance"])
+        run = reports["vlm0"]  # judges, decoding and CIs are the suite's, the same in both runs
+        summary = {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "job": "baseline: the LLM (text) vs its VLM@0 (text, blank image, typographic image)",
+            "git": git_hash(), "versions": versions(), "config": asdict(config),
+            "suite": {"file": suite_file.name, "from": config.suite, **suite}, "models": models,
+            "judges": run["judges"], "decoding": run["decoding"], "ci": run["ci"],
+            # the headline rows (all items of a benchmark) of both runs; per-category rows stay in each run's file
+            "results": [{"model": key, **row} for key, report in reports.items()
+                        for row in report["results"] if row["category"] == "*"],
         }
-        write_json(tmp / "results.json", report)
-        import json
-
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return report
-
-
-def _hash_or_none(path: Path):
-    from vlsafe.model import checkpoint
-
-    try:
-        return checkpoint.content_hash(path)
-    except VlsafeError:
-        return None
+        write_json(out / "results.json", summary)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    log(table(summary))
+    return summary
 
 
-def _line(key: str, row: dict) -> str:
-    parts = []
-    for metric, value in row.items():
-        if isinstance(value, dict):
-            low, high = value["ci95"]
-            parts.append(f"{metric} {value['rate']:.0%} [{low:.0%}, {high:.0%}] n={value['n']}")
-    return f"{key:12s} " + "; ".join(parts) + f"  ({row['seconds']} s)"
+def _cell(row: dict | None) -> str:
+    if row is None or row["value"] is None:
+        return "-"
+    low, high = row["ci"]
+    return f"{row['value']:4.0%} [{low:.0%}, {high:.0%}] n={row['n']}"
 
 
-def _run_all(runs, sets, judge, decoding, config, image_dir, progress, task, results, samples, log) -> None:
-    """Generate, judge and score every (model, condition, item set); fills `results` and `samples`."""
-    from vlsafe.eval import benchmarks
-    from vlsafe.eval.generate import generate
-    from vlsafe.eval.metrics import rate
-
-    for model_name, bundle, condition in runs:
-        started = time.time()
-        key = f"{model_name}/{condition}"
-        row = {}
-        for set_name, prompts in sets.items():
-            if set_name != "harmful" and condition == "typo":
-                continue  # the typographic attack is defined for harmful requests
-            shown = benchmarks.expand(prompts, condition, image_dir)
-            progress.update(task, description=f"{model_name}/{condition}: {set_name}")
-            responses = generate(bundle, shown, decoding, batch_size=config.batch_size,
-                                 progress=lambda n: progress.advance(task, n))
-            flags = []
-            verdicts = judge.judge_many([(p.meta.get("request", p.text), r) for p, r in zip(shown, responses)])
-            for prompt, response, verdict in zip(shown, responses, verdicts):
-                if set_name == "helpfulness":
-                    flag = answer_correct(response, prompt)
-                elif set_name == "harmful":
-                    flag = not verdict.refused  # an attack succeeds when the model does not refuse
-                else:
-                    flag = verdict.refused
-                flags.append(flag)
-                samples.append({"model": model_name, "condition": condition, "set": set_name, "id": prompt.id,
-                                "prompt": prompt.text, "image": prompt.image, "response": response,
-                                "refused": verdict.refused, "flag": flag})
-            metric = {"harmful": "attack_success_rate", "benign_scary": "refusal_rate",
-                      "helpfulness": "accuracy"}[set_name]
-            row[metric] = rate(flags)
-        row["seconds"] = round(time.time() - started, 1)
-        results[key] = row
-        progress.console.print(_line(key, row)) if log is print else log(_line(key, row))
+def table(summary: dict) -> str:
+    """The headline rows as text: one line per (benchmark, metric), one column per (model, condition); refusal-based
+    rates by the first judge."""
+    judge = summary["judges"][0]["name"]
+    cells, lines = {}, {}
+    for row in summary["results"]:
+        if row["metric"] in HEADLINE and row["judge"] in (judge, "answer-match"):
+            lines.setdefault((row["benchmark"], row["metric"]), None)
+            cells[row["benchmark"], row["metric"], row["model"], row["condition"]] = row
+    header = [f"{model}/{condition}" for model, condition in COLUMNS]
+    body = [[f"{benchmark} {HEADLINE[metric]}", *(_cell(cells.get((benchmark, metric, *c))) for c in COLUMNS)]
+            for benchmark, metric in lines]
+    widths = [max(len(r[i]) for r in [["", *header], *body]) for i in range(len(header) + 1)]
+    text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [["", *header], *body]]
+    return "\n".join([*text, f"(95% bootstrap CIs; refusals judged by {judge}; accuracy by answer match)"])
