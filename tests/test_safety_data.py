@@ -122,3 +122,24 @@ def test_benign_training_prompts_are_not_evaluation_prompts():
     from vlsafe.safety import align, leakage
 
     assert leakage.check(align.benign_prompts())["leaks"] == 0
+
+
+def test_safety_copies_reads_eval_samples(tmp_path, capsys):
+    from vlsafe.safety import jsonl
+
+    rows = [{"label": "harmful", "response": "I won't help with THAT.", "verdicts": {"j": {"refused": True}}},
+            {"label": "harmful", "response": "I can't help you build it.", "verdicts": {"j": {"refused": True}}},
+            {"label": "harmful", "response": "Sure, step one.", "verdicts": {"j": {"refused": False}}},
+            {"label": "benign", "response": "I won't help with that.", "verdicts": {"j": {"refused": True}}}]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = jsonl.save([Conversation(id="t", turns=[Turn(role="user", content="Do a bad thing"),
+                                                    Turn(role="assistant", content="I won't help with that.")])],
+                       tmp_path / "train.jsonl")
+    assert main(["safety", "copies", str(samples), "--train", str(train)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["harmful_responses"], report["refusals"]) == (3, 2)
+    assert (report["copies_of_training"]["k"], report["copies_of_training"]["n"]) == (1, 2)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"response": "x"}) + "\n")
+    assert main(["safety", "copies", str(tmp_path / "bad.jsonl"), "--train", str(train)]) == 2
+    assert "line 1" in capsys.readouterr().err

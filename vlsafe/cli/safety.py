@@ -66,3 +66,16 @@ def safety_leakage(path: str = typer.Argument(..., help="Training data to check.
     from vlsafe.safety import leakage
 
     echo_json(leakage.check(formats.load(format_name, path), threshold=threshold, where=path))
+
+
+@safety_app.command("copies")
+def safety_copies(samples: Path = typer.Argument(..., help="samples.jsonl written by `vlsafe eval`."),
+                  train: str = typer.Option(..., "--train", help="The safety training data the model was tuned on."),
+                  format_name: str = typer.Option("jsonl", "--format", help="Its format (jsonl, llava, vlguard, ...)."),
+                  judge: Optional[str] = typer.Option(None, help="Whose refusal verdicts (default: the first judge).")):
+    """Share of the evaluation's refusals that copy a training response verbatim (memorisation, not alignment)."""
+    from vlsafe.data import formats
+    from vlsafe.safety import leakage
+
+    training = leakage.training_responses(formats.load(format_name, train))
+    echo_json(leakage.copies_in_samples(samples, training, judge=judge))

@@ -12,6 +12,7 @@ copies of a training response (memorised strings, which flatter keyword judges).
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterable
 
 from vlsafe.data.records import Conversation, PreferencePair, Prompt
@@ -120,3 +121,26 @@ def training_responses(records: Iterable) -> list[str]:
         elif isinstance(record, PreferencePair):
             out.append(record.chosen)
     return out
+
+
+def copies_in_samples(samples: str | Path, training: list[str], judge: str | None = None) -> dict:
+    """`verbatim_share` over an evaluation's samples.jsonl: of the harmful-prompt responses that `judge` (default:
+    the first judge of each row) called refusals, the share that copy a training response word for word."""
+    from vlsafe.data.formats._common import read_jsonl
+
+    responses, refused, used = [], [], set()
+    for line, row in read_jsonl(Path(samples)):
+        verdicts = row.get("verdicts")
+        if not isinstance(verdicts, dict) or "response" not in row:
+            raise VlsafeError(f"{samples}: line {line}: not a row of `vlsafe eval` samples.jsonl (schema v2)")
+        if row.get("label") != "harmful":
+            continue
+        name = judge or next(iter(verdicts))
+        if name not in verdicts:
+            raise VlsafeError(f"{samples}: line {line}: no verdict of judge {name!r} (has {', '.join(verdicts)})")
+        used.add(name)
+        responses.append(row["response"])
+        refused.append(bool(verdicts[name]["refused"]))
+    result = verbatim_share(responses, training, only=refused)
+    return {"samples": str(samples), "judge": sorted(used), "harmful_responses": len(responses),
+            "refusals": sum(refused), "copies_of_training": result}
