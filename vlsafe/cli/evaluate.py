@@ -105,11 +105,17 @@ def eval_command(
     wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     report = evaluate(model, suite, out, judges=judge_names or None, limit=limit, conditions=wanted, corpus=corpus,
                       cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
+    unmeasured = {}  # metric -> why, for the rows with no value (printed once, not once per row)
     for r in report["results"]:
-        if r["category"] == "*":
-            where = f"{r['benchmark']:18s} {r['condition']:8s} {r['metric']:24s} {r['judge']:18s}"
-            typer.echo(f"{where} n/a ({r['reason']})" if r["value"] is None else
-                       f"{where} {r['value']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] n={r['n']}")
+        if r["category"] != "*":
+            continue
+        if r["value"] is None:
+            unmeasured.setdefault(r["metric"], r["reason"])
+            continue
+        where = f"{r['benchmark']:18s} {r['condition']:8s} {r['metric']:24s} {r['judge']:18s}"
+        typer.echo(f"{where} {r['value']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] n={r['n']}")
+    for metric, reason in unmeasured.items():
+        typer.echo(f"{metric}: not measured in some rows ({reason}; see results.json)")
     for a in report["agreement"]:
         if a["benchmark"] == "*" and a["n"]:
             kappa = "n/a" if a["kappa"] is None else f"{a['kappa']:.3f}"
