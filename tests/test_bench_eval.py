@@ -78,3 +78,20 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
     assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
     assert report["same_text_naive_vs_batched"] == 5
+
+
+def test_a_vlm_never_emits_its_image_placeholder(tmp_path):
+    """Stage 2 can give the new <image> row of tied embeddings a high logit; generating it would feed the model an
+    image token without an image. The engine suppresses it (and says nothing is wrong)."""
+    from vlsafe.model import checkpoint
+
+    assert main(["build", "--llm", "pico", "--tower", "pico", "--out", str(tmp_path / "vlm")]) == 0
+    bundle = checkpoint.load(str(tmp_path / "vlm"))
+    image_id = bundle.formatter().image_token_id
+    with torch.no_grad():  # make the placeholder the greedy choice everywhere
+        bundle.model.get_output_embeddings().weight[image_id] *= 1000
+    prompts = [Prompt(id=str(i), text=f"Say something about {i}.") for i in range(3)]
+    answers = generation.generate(bundle, prompts, generation.Decoding(max_new_tokens=4), batch_size=3)
+    assert len(answers) == 3
+    naive = _naive(bundle, prompts, generation.Decoding(max_new_tokens=4))
+    assert answers == naive

@@ -41,7 +41,8 @@ def _naive(bundle, prompts, decoding) -> list[str]:
         batch = fmt.collate([fmt.encode_prompt(p.text, p.image, record_id=p.id)], padding_side="left")
         batch.pop("labels")
         with torch.inference_mode():
-            seq = bundle.model.generate(**batch, **decoding.kwargs(), eos_token_id=stop, pad_token_id=pad)
+            seq = bundle.model.generate(**batch, **decoding.kwargs(), eos_token_id=stop, pad_token_id=pad,
+                                        suppress_tokens=[fmt.image_token_id] if fmt.image_token_id is not None else None)
         out.append(tokenizer.decode(seq[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return out
 

@@ -178,7 +178,10 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
             prefix_cache = model(input_ids=torch.tensor([shared]), use_cache=True, logits_to_keep=1).cache
     if decoding.do_sample:
         torch.manual_seed(decoding.seed)
-    step = functools.partial(_step, model, decoding=decoding, stop=stop, pad=pad)
+    # the image placeholder is not a word: a VLM whose tied embeddings give it a high logit would otherwise emit it
+    # and then be fed an image token without an image
+    suppress = [fmt.image_token_id] if fmt.image_token_id is not None else None
+    step = functools.partial(_step, model, decoding=decoding, stop=stop, pad=pad, suppress=suppress)
     out: list[str] = [""] * len(prompts)
 
     def finish(done: dict[int, list[int]]) -> None:
@@ -231,13 +234,14 @@ def _start(fmt, encoded, index, shared, prefix_cache, pad) -> _Rows:
     return _Rows(ids, mask, cache, list(index), [[] for _ in index], batch)
 
 
-def _step(model, rows: _Rows, decoding: Decoding, stop: list[int], pad: int):
+def _step(model, rows: _Rows, decoding: Decoding, stop: list[int], pad: int, suppress: list[int] | None = None):
     """One segment for every row: (the unfinished rows or None, {prompt index: answer tokens} of the finished)."""
     budget = decoding.max_new_tokens - max(len(tokens) for tokens in rows.new)
     with torch.inference_mode():
         result = model.generate(input_ids=rows.ids, attention_mask=rows.mask, cache=rows.cache, **rows.images,
                                 **{**decoding.kwargs(), "max_new_tokens": min(SEGMENT_TOKENS, budget)},
-                                eos_token_id=stop, pad_token_id=pad, return_dict_in_generate=True)
+                                eos_token_id=stop, pad_token_id=pad, suppress_tokens=suppress,
+                                return_dict_in_generate=True)
     seqs, width = result.sequences, rows.ids.shape[1]
     keep, done = [], {}
     for r, i in enumerate(rows.index):
