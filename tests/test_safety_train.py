@@ -200,7 +200,7 @@ def test_shipped_safety_configs_validate():
 
     root = Path(__file__).resolve().parents[1] / "configs" / "train"
     align = load_train_config(root / "offline_align.yaml")
-    assert (align.stage, align.lr, align.batch_size, align.max_length) == ("align", 2e-5, 8, 128)
+    assert (align.stage, align.lr, align.batch_size, align.max_length) == ("align", 3e-5, 8, 128)
     for name in ("offline_safety_sft.yaml", "offline_mixed.yaml", "offline_dpo.yaml", "llava15_7b_dpo_lora.yaml",
                  "llava15_7b_safety_sft.yaml"):
         assert load_train_config(root / name).stage in ("safety-sft", "mixed", "dpo")
