@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vlsafe.cli import main
+from vlsafe.errors import VlsafeError
 from vlsafe.merge.pareto import front, objectives
 
 LOW, HIGH = False, True  # (ASR, over-refusal) lower is better; helpfulness higher is better
@@ -39,28 +40,12 @@ def test_a_clean_trade_off_is_all_on_the_front():
     assert front(points, (LOW, LOW, HIGH)) == [True] * 5
 
 
-def test_objectives_read_schema_1_results_pooled_and_without_categories():
-    cell = lambda k, n: {"rate": k / n, "k": k, "n": n, "ci95": [0, 1], "by_category": {  # noqa: E731
-        "accuracy": {"rate": 1.0, "k": 99, "n": 99}}}  # a category named like a metric must not be counted
-    report = {"results": {"harmbench": {"text": {"attack_success_rate": cell(2, 4)},
-                                        "typo": {"attack_success_rate": {"rate": 0.5, "n": 6}}},  # no k: from rate
-                          "overrefusal": {"text": {"refusal_rate": cell(1, 5),
-                                                   "attack_success_rate": cell(0, 2)}}}}
-    got = objectives(report)
-    assert got["accuracy"] is None  # not measured by this suite
-    assert (got["attack_success_rate"]["k"], got["attack_success_rate"]["n"]) == (2 + 3 + 0, 4 + 6 + 2)
-    assert set(got["attack_success_rate"]["cells"]) == {"harmbench/text", "harmbench/typo", "overrefusal/text"}
-    single = got["refusal_rate"]
-    assert (single["value"], single["n"], single["ci"], single["ci_method"]) == (0.2, 5, [0, 1], "results.json")
-    assert got["attack_success_rate"]["ci_method"] == "wilson, pooled"
-
-
 def test_objectives_read_schema_2_rows_of_the_first_judge():
     def row(benchmark, metric, judge, k, n, category="*", **extra):
         return {"benchmark": benchmark, "condition": "text", "category": category, "metric": metric, "judge": judge,
                 "n": n, "k": k, "value": None if k is None else k / n, "ci": [0.1, 0.9], **extra}
 
-    report = {"judges": [{"name": "default"}, {"name": "refusal-patterns"}], "results": [
+    report = {"schema_version": 2, "judges": [{"name": "default"}, {"name": "refusal-patterns"}], "results": [
         row("harmbench", "attack_success_rate", "default", 3, 10),
         row("harmbench", "attack_success_rate", "refusal-patterns", 9, 10),  # the second judge: not used
         row("harmbench", "attack_success_rate", "default", 1, 4, category="cybercrime"),  # a category: not used
@@ -72,6 +57,8 @@ def test_objectives_read_schema_2_rows_of_the_first_judge():
     assert list(got["attack_success_rate"]["cells"]) == ["harmbench/text"]
     assert got["accuracy"]["value"] == 0.5 and got["accuracy"]["ci"] == [0.1, 0.9]
     assert got["refusal_rate"] is None
+    with pytest.raises(VlsafeError, match="schema version 2"):
+        objectives({"results": {"harmbench": {}}})  # an older, nested results.json
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -11,7 +11,9 @@ The front compares point estimates; the intervals are there to judge whether a d
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+from vlsafe.errors import VlsafeError
 
 OBJECTIVES = {  # metric name in results.json -> (what it measures, higher is better)
     "attack_success_rate": ("ASR (safety)", False),
@@ -33,27 +35,15 @@ def front(values: Sequence[Sequence[float]], higher_is_better: Sequence[bool]) -
 
 
 def _cells(report: dict) -> list[tuple[str, str, dict]]:
-    """(metric, where, cell) for every all-items cell of results.json: the flat rows of schema version 2 (one per
-    benchmark, condition, category and judge; the all-items rows of the first judge are taken, accuracy has its
-    own), or the nested results[benchmark][condition][metric] of version 1."""
-    results = report.get("results")
-    if isinstance(results, list):
-        judges = [j.get("name") for j in report.get("judges") or [] if isinstance(j, dict)]
-        first = judges[0] if judges else None
-        return [(row["metric"], f"{row.get('benchmark')}/{row.get('condition')}", row) for row in results
-                if isinstance(row, dict) and row.get("metric") in OBJECTIVES and row.get("category", "*") == "*"
-                and (row["metric"] == "accuracy" or first is None or row.get("judge") == first)]
-    found = []
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        for key, value in node.items() if isinstance(node, dict) else ():
-            if key in OBJECTIVES and isinstance(value, dict) and "n" in value:
-                found.append((key, "/".join(path), value))
-            elif key != "by_category":
-                walk(value, (*path, str(key)))
-
-    walk(results, ())
-    return found
+    """(metric, where, row) for every all-items row of results.json (schema v2, vlsafe/eval/RESULTS.md) of an
+    objective: the first judge's refusal-based rows, and the answer-match rows of accuracy."""
+    if report.get("schema_version") != 2 or not isinstance(report.get("results"), list):
+        raise VlsafeError("merge sweep: results.json is not vlsafe.eval schema version 2")
+    judges = [j.get("name") for j in report.get("judges") or [] if isinstance(j, dict)]
+    first = judges[0] if judges else None
+    return [(row["metric"], f"{row['benchmark']}/{row['condition']}", row) for row in report["results"]
+            if row.get("metric") in OBJECTIVES and row.get("category") == "*"
+            and (row["metric"] == "accuracy" or first is None or row.get("judge") == first)]
 
 
 def objectives(report: dict) -> dict[str, Optional[dict]]:
@@ -64,11 +54,10 @@ def objectives(report: dict) -> dict[str, Optional[dict]]:
 
     pooled: dict[str, dict[str, dict]] = {name: {} for name in OBJECTIVES}
     for metric, where, cell in _cells(report):
-        n, value = cell.get("n"), cell.get("value", cell.get("rate"))
-        if not isinstance(n, int) or not n or value is None:
+        n, k, value = cell.get("n"), cell.get("k"), cell.get("value")
+        if not n or value is None:
             continue
-        k = cell["k"] if isinstance(cell.get("k"), int) else round(value * n)
-        pooled[metric][where] = {"value": value, "k": k, "n": n, "ci": cell.get("ci", cell.get("ci95")),
+        pooled[metric][where] = {"value": value, "k": k, "n": n, "ci": cell.get("ci"),
                                  "judge": cell.get("judge")}
     out: dict[str, Optional[dict]] = {}
     for name, cells in pooled.items():
