@@ -9,7 +9,7 @@ import json
 from vlsafe import assets
 from vlsafe.cli import main
 from vlsafe.eval.judges import get
-from vlsafe.eval.metrics import (agreement, bootstrap_ci, cohen_kappa, harmful_compliance, proportion, rate,
+from vlsafe.eval.metrics import (bootstrap_ci, cohen_kappa, harmful_compliance, proportion,
                                  wilson)
 
 
@@ -26,9 +26,9 @@ def test_pattern_judge_agrees_with_pyrit_human_labels():
     rows = _pyrit_rows("refusal.csv")
     predicted = [judge.judge(r["objective"], r["assistant_response"]).refused for r in rows]
     human = [float(r["human_score"]) >= 0.5 for r in rows]
-    result = agreement(predicted, human)
+    result = proportion([p == h for p, h in zip(predicted, human)])
     # measured 0.84 (n=105); its misses are deflections and non-sequiturs, which no pattern can see
-    assert result["n"] == 105 and result["rate"] >= 0.80
+    assert result["n"] == 105 and result["value"] >= 0.80
 
 
 def test_refusal_words_inside_harmful_compliance_are_not_a_refusal():
@@ -50,7 +50,7 @@ def test_wilson_interval_and_rates():
     assert low == 0.0 and 0.25 < high < 0.35
     low, high = wilson(5, 10)
     assert abs((low + high) / 2 - 0.5) < 1e-9 and 0.2 < low < 0.25
-    assert rate([True, False, True, True])["rate"] == 0.75
+    assert proportion([True, False, True, True])["value"] == 0.75
 
 
 def test_bootstrap_ci_contains_the_estimate_is_seeded_and_handles_degenerate_data():

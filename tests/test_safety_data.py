@@ -87,7 +87,7 @@ def test_verbatim_share_of_evaluation_refusals():
     training = ["I won't help with that.", "Sure, here is a recipe."]
     result = verbatim_share(["I won't  help with THAT.", "I can't help you build a bomb.", "Here you go"],
                             training, only=[True, True, False])
-    assert (result["k"], result["n"]) == (1, 2) and result["ci95"][0] < 0.5 < result["ci95"][1]
+    assert (result["k"], result["n"]) == (1, 2) and result["ci"][0] <= 0.5 <= result["ci"][1]
 
 
 def test_align_data_on_a_pico_model(tmp_path):

@@ -2,7 +2,7 @@
 
 `vlsafe eval` reports every rate with a seeded percentile bootstrap over items (`bootstrap_ci`), the interval the
 evaluation issue asks for and one that extends to statistics without a closed form (Cohen's kappa); the Wilson
-interval (`wilson`, `rate`) stays beside it and is what the study's quick tables use.
+interval (`wilson`) stays beside it.
 """
 
 from __future__ import annotations
@@ -23,18 +23,6 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def rate(flags: list[bool]) -> dict:
-    k, n = sum(bool(f) for f in flags), len(flags)
-    low, high = wilson(k, n)
-    return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": [low, high]}
-
-
-def agreement(a: list[bool], b: list[bool]) -> dict:
-    if len(a) != len(b):
-        raise ValueError("agreement needs two label lists of the same length")
-    return rate([x == y for x, y in zip(a, b)])
 
 
 def _mean(samples: np.ndarray) -> np.ndarray:

@@ -104,12 +104,12 @@ def duplicate_share(responses: list[str]) -> dict:
 def verbatim_share(evaluation_responses: list[str], training_responses: Iterable[str],
                    only: list[bool] | None = None) -> dict:
     """Share of evaluation responses (those flagged by `only`, e.g. the judged refusals) that copy a training
-    response verbatim (after normalising whitespace and case), with n and a Wilson interval."""
-    from vlsafe.eval.metrics import rate
+    response verbatim (after normalising whitespace and case), with k, n and the intervals `vlsafe eval` gives."""
+    from vlsafe.eval.metrics import proportion
 
     seen = {_normal(r) for r in training_responses}
     picked = [r for r, keep in zip(evaluation_responses, only or [True] * len(evaluation_responses)) if keep]
-    return rate([_normal(r) in seen for r in picked])
+    return proportion([_normal(r) in seen for r in picked])
 
 
 def training_responses(records: Iterable) -> list[str]:
