@@ -20,7 +20,7 @@ from vlsafe.errors import VlsafeError
 
 DATA_DIR = Path(__file__).with_name("judge_data")
 PROJECT_FILE = DATA_DIR / "refusal_labels.jsonl"
-PROJECT_SHA256 = "d50f523f8cb9805a02d9ee0eea1a9ffc41288ff760a0ac84df8559a77a90a18e"
+PROJECT_SHA256 = "bb9bb134c42aaf26997c24e1c4e815186e7bb874d4cf458ef304617eff7cb43c"
 
 
 @dataclass(frozen=True)
