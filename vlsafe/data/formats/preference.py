@@ -39,6 +39,16 @@ def _files(source: Path, patterns: tuple[str, ...], what: str) -> list[Path]:
     raise VlsafeError(f"{source}: no {what} found (looked for {', '.join(patterns)})")
 
 
+def _load_all(files: list[Path], convert_in, skip_bad: bool) -> Loaded:
+    """Every record of every shard, converted by `convert_in(file)`; skipped records counted across shards."""
+    out = Loaded()
+    for file in files:
+        part = collect(_rows(file), convert_in(file), skip_bad)
+        out.extend(part)
+        out.skipped.extend(part.skipped)
+    return out
+
+
 def _rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for .json, .jsonl, .jsonl.xz and .parquet files."""
     name = path.name
@@ -116,12 +126,7 @@ def load_saferlhf(path: str | Path = SAFERLHF_HUB, image_root: str | Path | None
                                   chosen=chosen, rejected=rejected, source="pku-saferlhf", meta=meta)
         return convert
 
-    out = Loaded()
-    for file in _files(source, patterns, f"PKU-SafeRLHF {split} file"):
-        part = collect(_rows(file), convert_in(file), skip_bad)
-        out.extend(part)
-        out.skipped.extend(part.skipped)
-    return out
+    return _load_all(_files(source, patterns, f"PKU-SafeRLHF {split} file"), convert_in, skip_bad)
 
 
 # ---------------------------------------------------------------------------------------------------- SPA-VL
@@ -150,12 +155,7 @@ def load_spavl(path: str | Path = SPAVL_HUB, image_root: str | Path | None = Non
                                   chosen=chosen, rejected=rejected, image=image, source="spa-vl", meta=meta)
         return convert
 
-    out = Loaded()
-    for file in _files(source, patterns, f"SPA-VL {split} file"):
-        part = collect(_rows(file), convert_in(file), skip_bad)
-        out.extend(part)
-        out.skipped.extend(part.skipped)
-    return out
+    return _load_all(_files(source, patterns, f"SPA-VL {split} file"), convert_in, skip_bad)
 
 
 def _spavl_image(record: dict, roots: list[Path], cache: Path, where: str) -> str:
