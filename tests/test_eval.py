@@ -254,3 +254,17 @@ def test_bench_eval_reports_naive_batched_and_cached_side_by_side(capsys):
     assert set(report["modes"]) == {"naive", "batched", "cached"} and report["n"] == 4
     assert report["modes"]["naive"]["seconds"] > 0 and report["modes"]["batched"]["seconds"] > 0
     assert report["modes"]["cached"]["seconds"] < report["modes"]["batched"]["seconds"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "vlsafe" / "eval" / "suites").glob("*.yaml")))
+def test_every_packaged_suite_loads_with_known_benchmarks_and_conditions(name):
+    from vlsafe.eval import benchmarks
+    from vlsafe.eval.run import load_suite
+
+    _, spec = load_suite(name)
+    for entry in spec.entries:
+        bench = benchmarks.get(entry.benchmark) if entry.benchmark != "heldout" else None
+        for condition in entry.conditions:
+            assert condition in (*benchmarks.TEXT_CONDITIONS, "native")
+            if bench is not None:
+                assert condition in bench.conditions
