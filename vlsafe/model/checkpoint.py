@@ -59,7 +59,9 @@ def build_vlm(llm: str, tower: str, projector: str = "mlp2x_gelu", feature_layer
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id >= language_model.get_input_embeddings().weight.shape[0]:
-        # the new row's value never matters: image features replace it in every forward pass
+        # the new row's value never matters to the outputs (image features replace it in every forward pass),
+        # but it is in the weights the content hash covers: seeded, so the same build gives the same hash
+        torch.manual_seed(seed)
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     config = VlmConfig(text_config=language_model.config, vision_config=spec.vision_config, tower_kind=spec.kind,
                        vision_hidden_size=spec.hidden_size, num_image_tokens=spec.num_image_tokens,
