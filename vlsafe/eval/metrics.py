@@ -111,3 +111,57 @@ def answer_correct(response: str, answer: str | None, aliases: list[str] = ()) -
         if expected and re.search(rf"(?<![a-z0-9]){re.escape(expected)}(?![a-z0-9])", text):
             return True
     return False
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact McNemar test of two models' binary outcomes on the same items: under H0 the discordant pairs split
+    evenly, so the two-sided p-value is a binomial tail on them. `a_only` / `b_only` count the items where only
+    a / only b is True."""
+    if len(a) != len(b):
+        raise ValueError("mcnemar needs two outcome lists over the same items")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    discordant = a_only + b_only
+    tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2 ** discordant
+    return {"a_only": a_only, "b_only": b_only, "p_value": round(min(1.0, 2 * tail), 6)}
+
+
+def paired_difference(a, b, seed: int = 0, resamples: int = BOOTSTRAP["resamples"],
+                      level: float = BOOTSTRAP["level"]) -> dict:
+    """The difference of means b - a over the same items, with a paired bootstrap interval, a McNemar p-value and,
+    for several training seeds, their spread.
+
+    `a` and `b` are outcomes per item (a list), or per training seed and item (a list of equal-length lists, the
+    same items in the same order in every row). A single row broadcasts against the other side's seeds (one
+    reference model against several trained seeds). Each bootstrap resample draws seeds with replacement and,
+    independently, items with replacement, the same items for both sides, so the interval carries both the item
+    sampling and the seed-to-seed variation. The McNemar test pools the seeds' (a, b) pairs.
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired_difference needs the same items on both sides ({a.shape[1]} vs {b.shape[1]})")
+    seeds = max(len(a), len(b))
+    if len(a) not in (1, seeds) or len(b) not in (1, seeds):
+        raise ValueError(f"paired_difference: {len(a)} vs {len(b)} seeds (equal, or one side a single row)")
+    a, b = np.broadcast_to(a, (seeds, a.shape[1])), np.broadcast_to(b, (seeds, b.shape[1]))
+    n = a.shape[1]
+    out = {"n": n, "seeds": seeds, "a": None, "b": None, "difference": None, "ci": None, "p_value": None,
+           "per_seed": [], "seed_sd": None}
+    if n == 0:
+        return {**out, "reason": "no items"}
+    per_seed = (b - a).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    diffs = b - a
+    stats = np.empty(resamples)
+    for i in range(resamples):
+        rows = rng.integers(0, seeds, size=seeds) if seeds > 1 else np.zeros(1, dtype=int)
+        items = rng.integers(0, n, size=n)
+        stats[i] = diffs[np.ix_(rows, items)].mean()
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    test = mcnemar(a.ravel() > 0.5, b.ravel() > 0.5)
+    return {**out, "a": round(float(a.mean()), 6), "b": round(float(b.mean()), 6),
+            "difference": round(float(per_seed.mean()), 6), "ci": [round(float(low), 6), round(float(high), 6)],
+            "p_value": test["p_value"], "a_only": test["a_only"], "b_only": test["b_only"],
+            "per_seed": [round(float(d), 6) for d in per_seed],
+            "seed_sd": round(float(per_seed.std(ddof=1)), 6) if seeds > 1 else None}
