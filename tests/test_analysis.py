@@ -317,3 +317,16 @@ def test_activations_bad_input(pico_models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_blocks_of_rows_give_the_sums_of_whole_tensors(tmp_path, monkeypatch):
+    from vlsafe.analysis import weights
+
+    base, adapted, safe = chain_with_known_cosines(tmp_path)
+    whole = weights.analyze(str(base), [str(adapted), str(safe)], tmp_path / "whole", progress=False)
+    monkeypatch.setattr(weights, "BLOCK_ENTRIES", 40)  # a few rows per block, several blocks per tensor
+    blocked = weights.analyze(str(base), [str(adapted), str(safe)], tmp_path / "blocked", progress=False)
+    for key in ("weights", "task_vectors"):
+        assert len(whole[key]) == len(blocked[key])
+        for a, b in zip(whole[key], blocked[key]):
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=2e-6) for k in a), (a, b)

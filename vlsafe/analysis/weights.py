@@ -3,14 +3,15 @@ chain of models relate to each other (task-vector cosine and TIES sign conflicts
 
 Tensors are matched by the merge engine's canonical names (merge/layout.py), so a text LLM's
 `model.layers.3.mlp.up_proj.weight` lines up with its VLM's `language_model.model.layers.3.mlp.up_proj.weight`;
-parts only some models have (projector, tower) are compared between the models that have them. Every tensor name is
-read from each model in turn and reduced to a few sums before the next is read, so the memory is one tensor per
-model, never a model: a 7B chain fits beside one 7B model.
+parts only some models have (projector, tower) are compared between the models that have them. Each tensor is read
+from every model a block of rows at a time and reduced to a few sums before the next block, so the memory is a few
+blocks per model (BLOCK_ENTRIES), never a model: a 7B chain needs less memory than one 7B model.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from vlsafe.merge.shards import Reader
 # a decoder layer's modules in the order a reader expects them (others follow, sorted)
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
                 "post_attention_layernorm")
+BLOCK_ENTRIES = 1 << 22  # entries per model read at once (16 MB in float32): the memory, whatever the model size
 WHOLE = "*"  # the module of a row that sums a whole layer (or, with layer null, every compared tensor)
 
 
@@ -112,8 +114,10 @@ def check_inputs(inputs: dict[str, Input]) -> None:
         shared = _components(inputs[a]) & _components(inputs[b])
         keys_a = {k for k in inputs[a].canonical if k[0] in shared}
         keys_b = {k for k in inputs[b].canonical if k[0] in shared}
-        for missing_in, has, key in sorted([(b, a, k) for k in keys_a - keys_b] + [(a, b, k) for k in keys_b - keys_a],
-                                           key=lambda item: item[2]):
+        missing = sorted([(b, a, k) for k in keys_a - keys_b] + [(a, b, k) for k in keys_b - keys_a],
+                         key=lambda item: item[2])
+        if missing:
+            missing_in, has, key = missing[0]
             raise VlsafeError(f"model {missing_in!r} has no tensor matching {inputs[has].canonical[key]!r} of "
                               f"{has!r}: the architectures or layer counts differ")
         for key in sorted(keys_a):
@@ -222,22 +226,34 @@ def _stream(inputs: dict[str, Input], base: str, models: list[str], vector_pairs
                     bar.advance(task)
                 if not next(iter(holders.values())).dtype.is_floating_point:
                     continue  # integer buffers (position ids) are not weights
-                tensors = {n: reader.read(info).float() for n, info in holders.items()}
-                rows = {n: t.shape[0] for n, t in tensors.items()}
-                if len(set(rows.values())) > 1:
-                    keep = min(rows.values())
-                    tensors = {n: t[:keep] for n, t in tensors.items()}
-                    vocab_rows[canonical] = {"compared_rows": keep, "rows": rows}
                 layer, module = group_of(component, canonical)
-                _add_changes(changes, tensors, base, models, layer, module)
-                _add_vectors(vectors, tensors, vector_pairs, layer, module)
-                del tensors
+                for first, tensors in _blocks(reader, holders, canonical, vocab_rows):
+                    _add_changes(changes, tensors, base, models, layer, module, count=int(first))
+                    _add_vectors(vectors, tensors, vector_pairs, layer, module)
     finally:
         reader.close()
     return changes, vectors, vocab_rows
 
 
-def _add_changes(sums: _Sums, tensors: dict, base: str, models: list[str], layer, module) -> None:
+def _blocks(reader: Reader, holders: dict, canonical: str, vocab_rows: dict):
+    """(first block?, {model: float32 block}) over blocks of rows of one tensor in every model that has it: every
+    sum is additive, so an embedding matrix need not be in memory whole, once per model. Models whose vocabularies
+    differ are compared on the rows all have (recorded in `vocab_rows`)."""
+    shape = next(iter(holders.values())).shape
+    if not shape:
+        yield True, {n: reader.read(info).float() for n, info in holders.items()}
+        return
+    rows = {n: info.shape[0] for n, info in holders.items()}
+    keep = min(rows.values())
+    if len(set(rows.values())) > 1:
+        vocab_rows[canonical] = {"compared_rows": keep, "rows": rows}
+    step = max(1, BLOCK_ENTRIES // max(1, math.prod(shape[1:])))
+    for start in range(0, max(keep, 1), step):
+        yield start == 0, {n: reader.read_rows(info, start, min(start + step, keep)).float()
+                           for n, info in holders.items()}
+
+
+def _add_changes(sums: _Sums, tensors: dict, base: str, models: list[str], layer, module, count: int) -> None:
     if base not in tensors:
         return
     reference = tensors[base]
@@ -246,7 +262,7 @@ def _add_changes(sums: _Sums, tensors: dict, base: str, models: list[str], layer
         if model in tensors:
             delta_square = _square(tensors[model] - reference)
             for key in _group_keys(model, layer, module):
-                sums.add(key, delta=delta_square, base=base_square, tensors=1)
+                sums.add(key, delta=delta_square, base=base_square, tensors=count)
 
 
 def _add_vectors(sums: _Sums, tensors: dict, vector_pairs, layer, module) -> None:
