@@ -278,6 +278,8 @@ def pico_models(tmp_path_factory):
     llm, tokenizer = pico_llm(seed=0)
     checkpoint.save(checkpoint.Bundle(llm, tokenizer), root / "llm")
     checkpoint.save(checkpoint.build_vlm("pico", "pico", seed=0), root / "vlm")
+    other, tokenizer = pico_llm(seed=1)  # same shapes, other weights: a reference whose layers differ
+    checkpoint.save(checkpoint.Bundle(other, tokenizer), root / "other")
     return root / "llm", root / "vlm"
 
 
@@ -303,6 +305,24 @@ def test_activations_end_to_end_on_a_pico_vlm_with_a_reference(pico_models, tmp_
     with safe_open(out / "refusal_directions.safetensors", "pt") as handle:
         assert set(handle.keys()) == {"text", "blank", "reference"} and handle.get_tensor("text").shape == (2, 32)
     assert (out / "activations.png").stat().st_size > 0
+
+
+def test_activations_emit_a_merge_that_copies_the_references_safety_layers(pico_models, tmp_path):
+    llm, vlm = pico_models
+    other = llm.parent / "other"
+    emitted = tmp_path / "layers.yaml"
+    assert main(["analyze", "activations", "--model", str(vlm), "--reference", str(other), "--n", "8",
+                 "--out", str(tmp_path / "act"), "--emit-merge", str(emitted)]) == 0
+    result = json.loads((tmp_path / "act" / "analysis.json").read_text())
+    start, end = result["safety_layers"]["layer_range"]
+    assert result["emitted_merge"]["layers"] == [{"layer_range": [start, end], "source": str(other.resolve())}]
+    assert main(["merge", str(emitted), "--out", str(tmp_path / "merged")]) == 0
+    merged, model, reference = load_dir(tmp_path / "merged"), load_dir(vlm), load_dir(other)
+    assert merged.keys() == model.keys()
+    for key, tensor in merged.items():
+        from_reference = key.startswith("language_model.") and layer_of(key) in range(start, end)
+        expected = reference[key.removeprefix("language_model.")] if from_reference else model[key]
+        assert torch.equal(tensor, expected), key
 
 
 def test_activations_bad_input(pico_models, tmp_path, capsys):
