@@ -79,8 +79,9 @@ def analyze_activations(
     their gap opens (Li et al. 2024), refusal directions and projections onto the reference's."""
     from vlsafe.analysis.activations import analyze
 
-    result = analyze(model, out, reference=reference, conditions=[c.strip() for c in conditions.split(",") if c.strip()],
-                     n=n, corpus=corpus, seed=seed, batch_size=batch_size, emit_merge=emit_merge)
+    wanted = [c.strip() for c in conditions.split(",") if c.strip()]
+    result = analyze(model, out, reference=reference, conditions=wanted, n=n, corpus=corpus, seed=seed,
+                     batch_size=batch_size, emit_merge=emit_merge)
     span = result["safety_layers"]
     typer.echo(f"safety layers: {span['start']}..{span['end']}" if span["start"] is not None
                else f"safety layers: none located ({span['reason']})")
