@@ -95,13 +95,23 @@ class Reader:
         self._handles: dict[Path, BinaryIO] = {}
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        if info.end == info.start:
-            return torch.empty(info.shape, dtype=info.dtype)
+        return self._read(info, info.start, info.end, info.shape)
+
+    def read_rows(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the first dimension: a large tensor can be streamed in blocks of rows."""
+        end = min(end, info.shape[0])
+        row_bytes = (info.end - info.start) // info.shape[0] if info.shape and info.shape[0] else 0
+        return self._read(info, info.start + start * row_bytes, info.start + end * row_bytes,
+                          (max(0, end - start), *info.shape[1:]))
+
+    def _read(self, info: TensorInfo, begin: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if stop <= begin:
+            return torch.empty(shape, dtype=info.dtype)
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        buffer = bytearray(info.end - info.start)
-        handle.seek(info.start)
+        buffer = bytearray(stop - begin)
+        handle.seek(begin)
         view = memoryview(buffer)
         got = 0
         while got < len(buffer):  # a raw read may return fewer bytes than asked
@@ -109,7 +119,7 @@ class Reader:
             if not n:
                 raise VlsafeError(f"{info.file}: truncated (tensor data ends early)")
             got += n
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
 
     def close(self) -> None:
         for handle in self._handles.values():
