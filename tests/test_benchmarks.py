@@ -69,14 +69,14 @@ def test_other_benchmarks_keep_their_categories(loaded):
 def test_overrefusal_set(loaded):
     prompts = loaded["overrefusal"]
     benign = [p for p in prompts if p.label == "benign"]
-    assert len(benign) >= 250
+    assert len(benign) >= 100 and sum(p.label == "harmful" for p in prompts) >= 40
     texts = [" ".join(p.text.lower().split()) for p in prompts]
     assert len(set(texts)) == len(texts), "no duplicate prompts"
     types = {p.category for p in benign}
     assert len(types) >= 8
     for kind in types:  # every type has unsafe contrast prompts too
         assert any(p.category == kind and p.label == "harmful" for p in prompts), kind
-    assert min(Counter(p.category for p in benign).values()) >= 20
+    assert min(Counter(p.category for p in benign).values()) >= 10
     assert B.get("overrefusal").conditions == B.TEXT_CONDITIONS
 
 

@@ -45,6 +45,7 @@ def is_heldout(source: str, item_id: str) -> bool:
 
 def training_part(source: str, prompts: list[Prompt]) -> list[Prompt]:
     """The prompts of training source `source` that training may use (its held-out part removed)."""
+    _share(source)  # an undeclared source is an error even with no prompts
     return [p for p in prompts if not is_heldout(source, p.id)]
 
 
