@@ -185,6 +185,7 @@ LOADERS: dict[str, Callable[..., list[Prompt]]] = {
 class MetricFact:
     name: str
     label: str  # how reports and plots name it
+    short: str  # table headers
     higher_is_better: bool
     measures: str
 
@@ -305,7 +306,8 @@ def _read_declarations() -> tuple[dict[str, MetricFact], dict[str, Benchmark]]:
 
     try:
         raw = yaml.safe_load(DECLARATIONS.read_text(encoding="utf-8"))
-        facts = {name: MetricFact(name, fact["label"], bool(fact["higher_is_better"]), fact["measures"])
+        facts = {name: MetricFact(name, fact["label"], fact["short"], bool(fact["higher_is_better"]),
+                                 fact["measures"])
                  for name, fact in raw["metrics"].items()}
         specs = {name: Declaration.model_validate(spec) for name, spec in raw["benchmarks"].items()}
     except (KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
