@@ -85,8 +85,9 @@ def judge_train(out: Optional[Path] = typer.Option(None, "--out", help="New dire
 
 
 eval_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
-                      help="Evaluate a model on a suite (`vlsafe eval --model M --suite S --out DIR`), or compare "
-                           "two evaluations item by item (`vlsafe eval compare A B`).")
+                      help="Evaluate a model on a suite (`vlsafe eval --model M --suite S --out DIR`; every option: "
+                           "`vlsafe eval run --help`), or compare two evaluations item by item "
+                           "(`vlsafe eval compare A B`).")
 app.add_typer(eval_app, name="eval")
 
 
@@ -105,7 +106,8 @@ def _data_options(values: list[str] | None) -> dict[str, str]:
 @eval_app.command("run", hidden=True)
 def eval_command(
     model: str = typer.Option(..., "--model", help="A VLM directory or any LLM spec (text condition only)."),
-    suite: str = typer.Option(..., "--suite", help="quick | safety | overrefusal | helpfulness, or a suite .yaml."),
+    suite: str = typer.Option(..., "--suite", help="quick | study | offline | safety | overrefusal | helpfulness | "
+                                                    "paper (bring its data with --data), or a suite .yaml."),
     out: Path = typer.Option(..., "--out", help="New directory for results.json and samples.jsonl."),
     judge_names: Optional[List[str]] = typer.Option(
         None, "--judge", help="Refusal judge (see `vlsafe judge`); repeat for several (default: the suite's)."),
