@@ -381,3 +381,18 @@ def test_bad_published_entries_exit_2_naming_the_entry(tmp_path, capsys, entry, 
     if "siuo_gen" in entry:
         assert "image 'S-01.png' not found" in err
     assert not out.exists()
+
+
+def test_a_suite_reads_its_relative_paths_from_its_own_folder(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "suites"
+    shutil.copytree(FORMAT_FIXTURES / "mme", folder / "mme")  # "mme/MME_..." also looks like a hub id
+    (folder / "rel.yaml").write_text("max_new_tokens: 2\nentries:\n"
+                                     "  - {format: mme, path: mme/MME_Benchmark_release_version, sample: 2}\n")
+    monkeypatch.chdir(tmp_path)  # not the suite's folder
+    from vlsafe.eval.run import load_suite, resolve
+
+    _, spec = load_suite(str(folder / "rel.yaml"))
+    [(entry, bench, prompts)] = resolve("rel", spec, base=folder)
+    assert bench.name == "mme" and len(prompts) == 4 and bench.data_hash()

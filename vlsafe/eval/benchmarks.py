@@ -250,6 +250,8 @@ class Benchmark:
         if path is None:
             return None
         path = Path(path)
+        if not path.exists():
+            return None  # a hub id: its revision is the hub's business
         if path.is_file():
             return sha256_file(path)
         listing = sorted(f"{p.relative_to(path).as_posix()}:{p.stat().st_size}" for p in path.rglob("*") if p.is_file())
@@ -265,11 +267,13 @@ class Benchmark:
             raise VlsafeError(f"benchmark {self.name} reads packaged data; --data is for published benchmarks "
                               f"({', '.join(n for n, b in BENCHMARKS.items() if 'format' in b.source)})")
         from vlsafe.data import formats
+        from vlsafe.data.formats._common import is_hub_id
 
         format_name = self.source["format"]
-        path = Path(path)
-        if not path.exists():
-            raise VlsafeError(f"benchmark {self.name}: {path} not found")
+        if not is_hub_id(str(path)):  # a hub id (online users) is fetched by the format's loader
+            path = Path(path)
+            if not path.exists():
+                raise VlsafeError(f"benchmark {self.name}: {path} not found")
 
         def load() -> list[Prompt]:
             return formats.load(format_name, path, image_root=image_root, **options)

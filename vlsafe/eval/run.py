@@ -103,6 +103,7 @@ def resolve(suite_name: str, spec: Suite, data: dict[str, str] | None = None, co
     corpus's heldout questions, prompts or None when --corpus is missing). `data` points entries at local files
     (`--data NAME=PATH`). A missing file, unknown format or absent image fails here, naming the entry; published
     benchmarks without data fail together, one line each with where they are published."""
+    from vlsafe.data.formats._common import is_hub_id
     from vlsafe.eval import benchmarks
 
     data = dict(data or {})
@@ -123,8 +124,9 @@ def resolve(suite_name: str, spec: Suite, data: dict[str, str] | None = None, co
             resolved.append((entry, None, prompts))
             continue
         path = data.get(entry.name) or entry.path
-        if path is not None and entry.path is not None and entry.name not in data:
-            path = base / path  # a suite's own relative paths are read from its folder
+        if path is not None and entry.name not in data:  # a suite's own relative paths are read from its folder
+            local = base / path
+            path = local if local.exists() or not is_hub_id(path) else path
         image_root = base / entry.image_root if entry.image_root and entry.name not in data else entry.image_root
         try:
             if entry.format is not None:
