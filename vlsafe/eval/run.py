@@ -1,7 +1,8 @@
 """`vlsafe eval`: one model, one suite -> results.json + samples.jsonl.
 
-A suite is data (eval/suites/NAME.yaml, or a path to such a file): benchmarks, seeded sample sizes and
-conditions. Every response comes through the generation cache and every verdict through the judgement cache, so
+A suite is data (eval/suites/NAME.yaml, or a path to such a file): benchmarks (declared in
+eval/benchmarks.yaml) or published files ({format, path, image_root}), seeded sample sizes and conditions; every
+entry's data is found and validated before the model loads, and `--data NAME=PATH` points an entry at local data. Every response comes through the generation cache and every verdict through the judgement cache, so
 rerunning, or rerunning with a second judge, generates nothing. A text-only LLM runs the text condition only, on
 the same items as its VLM, so the two compare item by item.
 
