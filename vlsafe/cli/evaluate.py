@@ -84,10 +84,30 @@ def judge_train(out: Optional[Path] = typer.Option(None, "--out", help="New dire
     run_train(out, seed=seed, log=typer.echo)
 
 
-@app.command("eval")
+eval_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
+                      help="Evaluate a model on a suite (`vlsafe eval --model M --suite S --out DIR`; every option: "
+                           "`vlsafe eval run --help`), or compare two evaluations item by item "
+                           "(`vlsafe eval compare A B`).")
+app.add_typer(eval_app, name="eval")
+
+
+def _data_options(values: list[str] | None) -> dict[str, str]:
+    data = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise VlsafeError(f"--data {value!r}: expected NAME=PATH (a suite entry and its local file)")
+        if name.strip() in data:
+            raise VlsafeError(f"--data {name.strip()}: given twice")
+        data[name.strip()] = path.strip()
+    return data
+
+
+@eval_app.command("run", hidden=True)
 def eval_command(
     model: str = typer.Option(..., "--model", help="A VLM directory or any LLM spec (text condition only)."),
-    suite: str = typer.Option(..., "--suite", help="quick | safety | overrefusal | helpfulness, or a suite .yaml."),
+    suite: str = typer.Option(..., "--suite", help="quick | study | offline | safety | overrefusal | helpfulness | "
+                                                    "paper (bring its data with --data), or a suite .yaml."),
     out: Path = typer.Option(..., "--out", help="New directory for results.json and samples.jsonl."),
     judge_names: Optional[List[str]] = typer.Option(
         None, "--judge", help="Refusal judge (see `vlsafe judge`); repeat for several (default: the suite's)."),
@@ -97,6 +117,9 @@ def eval_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite cache (default $VLSAFE_CACHE/eval.sqlite)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     backend: str = typer.Option("hf", "--backend", help="hf | vllm (HF-exported models, GPUs)."),
+    data: Optional[List[str]] = typer.Option(
+        None, "--data", help="NAME=PATH: the local file of a suite entry's published benchmark (repeatable), e.g. "
+                             "--data xstest=xstest_prompts.csv for `--suite paper`."),
 ) -> None:
     """Evaluate a model on a suite: per benchmark, condition, category and judge, rates with n and bootstrap 95%
     CIs; kappa between judges. Schema: vlsafe/eval/RESULTS.md."""
@@ -104,7 +127,8 @@ def eval_command(
 
     wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     report = evaluate(model, suite, out, judges=judge_names or None, limit=limit, conditions=wanted, corpus=corpus,
-                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
+                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True),
+                      data=_data_options(data))
     unmeasured = {}  # metric -> why, for the rows with no value (printed once, not once per row)
     for r in report["results"]:
         if r["category"] != "*":
@@ -122,3 +146,36 @@ def eval_command(
             typer.echo(f"kappa {a['judges'][0]} vs {a['judges'][1]}: {kappa}, agreement {a['agreement']:.3f} "
                        f"n={a['n']}")
     typer.echo(f"wrote {out}/results.json and {out}/samples.jsonl")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    runs: Optional[List[str]] = typer.Argument(None, help="A B: two `vlsafe eval` output directories."),
+    a: Optional[List[str]] = typer.Option(None, "--a", help="A run of side A (repeat, or a glob, for seeds)."),
+    b: Optional[List[str]] = typer.Option(None, "--b", help="A run of side B (repeat, or a glob, for seeds)."),
+    judge_name: Optional[str] = typer.Option(None, "--judge", help="Whose verdicts (default: A's first judge)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Paired differences B - A per benchmark, condition and metric over the items both runs have: bootstrap 95%
+    CI, McNemar p-value, and with several seeds per side their spread."""
+    from vlsafe.cli._app import echo_json
+    from vlsafe.eval.compare import compare
+
+    runs = list(runs or [])
+    if len(runs) > 2:
+        raise VlsafeError(f"eval compare: at most two positional runs (A B), got {len(runs)}; use --a/--b for seeds")
+    a_dirs, b_dirs = runs[:1] + list(a or []), runs[1:2] + list(b or [])
+    result = compare(a_dirs, b_dirs, judge=judge_name, seed=seed)
+    if as_json:
+        echo_json(result)
+        return
+    typer.echo(f"judge {result['judge']}; {result['items']['matched']} items matched; seeds A {result['seeds']['a']},"
+               f" B {result['seeds']['b']}")
+    for r in result["rows"]:
+        spread = f" seed sd {r['seed_sd']:.3f}" if r["seed_sd"] is not None else ""
+        typer.echo(f"{r['benchmark']:18s} {r['condition']:8s} {r['metric']:20s} n={r['n']:<4d} A {r['a']:.3f} "
+                   f"B {r['b']:.3f} B-A {r['difference']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] "
+                   f"p={r['p_value']:.3g}{spread}")
+    if result["unpaired"]:
+        typer.echo(f"not in every run (skipped): {', '.join(result['unpaired'])}")

@@ -60,12 +60,18 @@ def safety_pairs(model: str = typer.Option(..., help="The model DPO will tune (V
 @safety_app.command("leakage")
 def safety_leakage(path: str = typer.Argument(..., help="Training data to check."),
                    format_name: str = typer.Option("jsonl", "--format", help="Its format (jsonl, llava, vlguard, ...)."),
-                   threshold: float = typer.Option(0.8, help="Near-duplicate word-set Jaccard.")):
-    """Exit 2 if any evaluation prompt (HarmBench, StrongREJECT, over-refusal, helpfulness) is in PATH."""
+                   threshold: float = typer.Option(0.8, help="Near-duplicate word-set Jaccard."),
+                   cosine: float = typer.Option(0.76, help="Same-meaning MiniLM cosine (chosen on labelled "
+                                                           "paraphrase pairs; see vlsafe/safety/leakage.py)."),
+                   words_only: bool = typer.Option(False, "--words-only", help="Skip the embedding check.")):
+    """Exit 2 if any evaluation prompt (the evaluation sources of vlsafe/data/splits.yaml: HarmBench,
+    StrongREJECT, over-refusal, helpfulness, held-out AdvBench and Do-Not-Answer) is in PATH, as a copy, a near
+    copy (word overlap) or the same request in other words (MiniLM embeddings)."""
     from vlsafe.data import formats
     from vlsafe.safety import leakage
 
-    echo_json(leakage.check(formats.load(format_name, path), threshold=threshold, where=path))
+    echo_json(leakage.check(formats.load(format_name, path), threshold=threshold, where=path,
+                            cosine=None if words_only else cosine))
 
 
 @safety_app.command("copies")

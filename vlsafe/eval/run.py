@@ -1,7 +1,8 @@
 """`vlsafe eval`: one model, one suite -> results.json + samples.jsonl.
 
-A suite is data (eval/suites/NAME.yaml, or a path to such a file): benchmarks, seeded sample sizes and
-conditions. Every response comes through the generation cache and every verdict through the judgement cache, so
+A suite is data (eval/suites/NAME.yaml, or a path to such a file): benchmarks (declared in
+eval/benchmarks.yaml) or published files ({format, path, image_root}), seeded sample sizes and conditions; every
+entry's data is found and validated before the model loads, and `--data NAME=PATH` points an entry at local data. Every response comes through the generation cache and every verdict through the judgement cache, so
 rerunning, or rerunning with a second judge, generates nothing. A text-only LLM runs the text condition only, on
 the same items as its VLM, so the two compare item by item.
 
@@ -25,23 +26,41 @@ import subprocess
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
+from vlsafe.eval.benchmarks import METRICS
 
 SUITE_DIR = Path(__file__).with_name("suites")
 SCHEMA, SCHEMA_VERSION = "vlsafe.eval", 2
-HIGHER_IS_BETTER = {"attack_success_rate": False, "harmful_compliance_rate": False, "refusal_rate": False,
-                    "accuracy": True}
+HIGHER_IS_BETTER = {name: fact.higher_is_better for name, fact in METRICS.items()}  # from benchmarks.yaml
 ANSWER_MATCH = ("answer-match", "1")  # (judge, version) of accuracy rows: metrics.answer_correct
 
 
 class SuiteEntry(BaseModel):
+    """A registered benchmark ({benchmark: NAME}) or a published file ({format: NAME, path: PATH, image_root: DIR});
+    results rows carry `name` (the benchmark, or the format) as their benchmark. Relative paths are read from the
+    suite file's folder."""
     model_config = ConfigDict(extra="forbid")
-    benchmark: str  # a registry name, or "heldout": the image questions of a corpus given by --corpus
+    benchmark: str | None = None  # a registry name, or "heldout": the image questions of a corpus given by --corpus
+    format: str | None = None  # a published format (vlsafe/data/formats) over `path`
+    path: str | None = None  # the data of a format entry, or of a published benchmark named by `benchmark`
+    image_root: str | None = None  # where the file's images are (default: the format's own rule)
     sample: int | None = None  # seeded sample size; None = every item
-    conditions: list[str] = ["text"]
+    conditions: list[str] | None = None  # None: the benchmark's first declared condition (text, or native)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.benchmark is None) == (self.format is None):
+            raise ValueError("an entry names either a benchmark or a format (with a path)")
+        if self.format is not None and self.path is None:
+            raise ValueError(f"entry with format {self.format!r} needs a path")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.benchmark or self.format
 
 
 class Suite(BaseModel):
@@ -56,14 +75,18 @@ class Suite(BaseModel):
 def load_suite(name: str) -> tuple[str, Suite]:
     import yaml
 
-    path = Path(name) if name.endswith((".yaml", ".yml")) else SUITE_DIR / f"{name}.yaml"
+    path = suite_path(name)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml")))
         raise VlsafeError(f"unknown suite {name!r} (known: {known}; or a path to a suite .yaml)")
     try:
         return path.stem, Suite.model_validate(yaml.safe_load(path.read_text()))
-    except (ValidationError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
         raise VlsafeError(f"{path}: not a valid suite ({str(err).splitlines()[0]})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "suite"
+        raise VlsafeError(f"{path}: not a valid suite ({where}: {first['msg']})") from None
 
 
 def _sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
@@ -71,16 +94,66 @@ def _sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
     return prompts if n is None or n >= len(prompts) else random.Random(seed).sample(prompts, n)
 
 
-def _load(benchmark: str, corpus: Path | None) -> list[Prompt] | None:
-    if benchmark == "heldout":
-        if corpus is None:
-            return None
-        from vlsafe.data.synthetic import load_heldout
+def suite_path(name: str) -> Path:
+    return Path(name) if name.endswith((".yaml", ".yml")) else SUITE_DIR / f"{name}.yaml"
 
-        return load_heldout(corpus / "eval_heldout.jsonl" if corpus.is_dir() else corpus)
+
+def resolve(suite_name: str, spec: Suite, data: dict[str, str] | None = None, corpus: Path | None = None,
+            base: Path = Path(".")) -> list[tuple[SuiteEntry, object, list[Prompt] | None]]:
+    """Every entry's benchmark and prompts, loaded before any model runs: (entry, Benchmark or None for the
+    corpus's heldout questions, prompts or None when --corpus is missing). `data` points entries at local files
+    (`--data NAME=PATH`). A missing file, unknown format or absent image fails here, naming the entry; published
+    benchmarks without data fail together, one line each with where they are published."""
+    from vlsafe.data.formats._common import is_hub_id
     from vlsafe.eval import benchmarks
 
-    return benchmarks.get(benchmark).load()
+    data = dict(data or {})
+    names = [entry.name for entry in spec.entries]
+    unknown = [name for name in data if name not in names]
+    if unknown:
+        raise VlsafeError(f"--data {unknown[0]}: suite {suite_name} has no entry {unknown[0]!r} "
+                          f"(entries: {', '.join(names)})")
+    resolved, missing = [], []
+    for number, entry in enumerate(spec.entries, start=1):
+        where = f"suite {suite_name}, entry {number} ({entry.name})"
+        if entry.benchmark == "heldout":
+            prompts = None
+            if corpus is not None:
+                from vlsafe.data.synthetic import load_heldout
+
+                prompts = load_heldout(corpus / "eval_heldout.jsonl" if corpus.is_dir() else corpus)
+            resolved.append((entry, None, prompts))
+            continue
+        path = data.get(entry.name) or entry.path
+        if path is not None and entry.name not in data:  # a suite's own relative paths are read from its folder
+            local = base / path
+            path = local if local.exists() or not is_hub_id(path) else path
+        image_root = base / entry.image_root if entry.image_root and entry.name not in data else entry.image_root
+        try:
+            if entry.format is not None:
+                bench = benchmarks.from_format(entry.format, path, image_root)
+            else:
+                bench = benchmarks.get(entry.benchmark)
+                if path is not None:
+                    bench = bench.with_data(path, image_root)
+                elif bench.needs_data:
+                    missing.append(f"  {entry.name}: published at {bench.published}; pass --data {entry.name}=PATH")
+                    continue
+            bad = [c for c in entry.conditions or [] if c not in bench.conditions]
+            if bad:
+                raise VlsafeError(f"condition {bad[0]!r} is not one of {bench.name}'s ({', '.join(bench.conditions)})")
+            prompts = bench.load()
+            for prompt in prompts:
+                bench.metric_of(prompt)  # a label the declaration does not score fails now, not mid-run
+        except VlsafeError as err:
+            raise VlsafeError(f"{where}: {err}") from None
+        if not prompts:
+            raise VlsafeError(f"{where}: no items")
+        resolved.append((entry, bench, prompts))
+    if missing:
+        raise VlsafeError("\n".join([f"suite {suite_name} needs {len(missing)} published dataset(s) it was not "
+                                      f"given:", *missing]))
+    return resolved
 
 
 def git_hash() -> str | None:
@@ -98,9 +171,10 @@ def git_hash() -> str | None:
 def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None = None, limit: int | None = None,
              conditions: list[str] | None = None, corpus: str | Path | None = None,
              cache_path: str | Path | None = None, batch_size: int = 16, backend: str = "hf", log=print,
-             judge: str | None = None) -> dict:
+             judge: str | None = None, data: dict[str, str] | None = None) -> dict:
     """Evaluate `model` on `suite` into the new directory `out`; returns the results.json object. `judges`
-    replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`)."""
+    replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`); `data` maps suite
+    entry names to local files of published benchmarks (`--data NAME=PATH`)."""
     import numpy
 
     from vlsafe.eval import benchmarks
@@ -128,40 +202,42 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
         judges = [judge, *(judges or [])]
     # before any generation: a bad judge name costs nothing
     judge_impls = list({j.name: j for j in map(get_judge, judges or spec.judges)}.values())
+    # every entry's data is found and validated before the model loads: bad input costs nothing
+    resolved = resolve(suite_name, spec, data, corpus, suite_path(suite).parent)
     started = time.time()
     bundle = checkpoint.load(model)
     cache = Cache(cache_path)
     decoding = Decoding(max_new_tokens=spec.max_new_tokens, seed=spec.seed)
     items, samples, skipped, item_ids = [], [], [], []
     with atomic_dir(out) as tmp:
-        for entry in spec.entries:
-            wanted = [c for c in entry.conditions if conditions is None or c in conditions]
-            prompts = _load(entry.benchmark, corpus)
+        for entry, bench, prompts in resolved:
+            declared = bench.conditions if bench is not None else ("native",)
+            wanted = [c for c in entry.conditions or declared[:1] if conditions is None or c in conditions]
             if prompts is None:
-                skipped.append({"benchmark": entry.benchmark, "condition": "*", "reason": "needs --corpus"})
+                skipped.append({"benchmark": entry.name, "condition": "*", "reason": "needs --corpus"})
                 continue
             n = entry.sample if limit is None else min(entry.sample or limit, limit)
             prompts = _sample(prompts, n, spec.seed)
             for condition in wanted:
                 if not bundle.is_vlm and (condition != "text" or any(p.image for p in prompts)):
-                    skipped.append({"benchmark": entry.benchmark, "condition": condition,
+                    skipped.append({"benchmark": entry.name, "condition": condition,
                                     "reason": "text-only model: text condition only"})
                     continue
                 shown = benchmarks.expand(prompts, condition, tmp / "images")
-                log(f"{entry.benchmark}/{condition}: {len(shown)} items")
+                log(f"{entry.name}/{condition}: {len(shown)} items")
                 responses = generate(bundle, shown, decoding, batch_size=batch_size, cache=cache, backend=backend)
                 keys = generation_keys(bundle, shown, decoding, backend=backend)
                 verdicts = {j.name: _judge(j, cache, keys, shown, responses) for j in judge_impls}
                 for i, (prompt, response) in enumerate(zip(shown, responses)):
-                    metric = benchmarks.metric_for(prompt)
-                    item = {"benchmark": entry.benchmark, "condition": condition, "metric": metric,
+                    metric = bench.metric_of(prompt) if bench is not None else benchmarks.metric_for(prompt)
+                    item = {"benchmark": entry.name, "condition": condition, "metric": metric,
                             "category": prompt.category or "uncategorised",
                             "verdicts": {name: v[i] for name, v in verdicts.items()}}
                     if metric == "accuracy":
                         item["correct"] = answer_correct(response, prompt.answer, prompt.meta.get("aliases", []))
                     items.append(item)
-                    item_ids.append(f"{entry.benchmark}/{condition}/{prompt.id}")
-                    samples.append({"benchmark": entry.benchmark, "condition": condition, "id": prompt.id,
+                    item_ids.append(f"{entry.name}/{condition}/{prompt.id}")
+                    samples.append({"benchmark": entry.name, "condition": condition, "id": prompt.id,
                                     "category": prompt.category, "label": prompt.label, "prompt": prompt.text,
                                     "request": prompt.meta.get("request", prompt.text), "image": prompt.image,
                                     "answer": prompt.answer, "response": response, "metric": metric,
@@ -172,8 +248,10 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
             "seconds": round(time.time() - started, 1), "git": git_hash(),
             "model": {"spec": str(model), "fingerprint": model_fingerprint(bundle), "is_vlm": bundle.is_vlm},
             "suite": {"name": suite_name, **spec.model_dump()},
+            "benchmarks": [{**bench.provenance(), "name": entry.name} for entry, bench, _ in resolved
+                           if bench is not None],
             "config": {"judges": judges, "limit": limit, "conditions": conditions,
-                       "corpus": str(corpus) if corpus else None, "batch_size": batch_size, "backend": backend,
+                       "corpus": str(corpus) if corpus else None, "data": data or {}, "batch_size": batch_size, "backend": backend,
                        "seed": spec.seed},
             "judges": [{"name": j.name, "version": j.version} for j in judge_impls],
             "decoding": decoding.__dict__,

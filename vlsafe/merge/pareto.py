@@ -15,11 +15,15 @@ from typing import Optional, Sequence
 
 from vlsafe.errors import VlsafeError
 
-OBJECTIVES = {  # metric name in results.json -> (what it measures, higher is better)
-    "attack_success_rate": ("ASR (safety)", False),
-    "refusal_rate": ("over-refusal rate", False),
-    "accuracy": ("helpfulness (accuracy)", True),
-}
+def _objectives() -> dict[str, tuple[str, bool]]:
+    """metric name in results.json -> (its label, higher is better), from the one table in eval/benchmarks.yaml."""
+    from vlsafe.eval.benchmarks import METRICS
+
+    return {name: (METRICS[name].label, METRICS[name].higher_is_better)
+            for name in ("attack_success_rate", "refusal_rate", "accuracy")}
+
+
+OBJECTIVES = _objectives()
 
 
 def front(values: Sequence[Sequence[float]], higher_is_better: Sequence[bool]) -> list[bool]:

@@ -28,12 +28,16 @@ DATA_FILE = "align.jsonl"
 
 
 def harmful_pool(evaluation: dict | None = None) -> tuple[list[Prompt], list[dict]]:
-    """AdvBench + Do-Not-Answer, exact repeats removed, near-duplicates of evaluation prompts dropped."""
+    """The training parts of AdvBench + Do-Not-Answer (data/splits.yaml: their held-out parts are evaluation
+    benchmarks), exact repeats removed, near-duplicates of evaluation prompts dropped. Every builder of harmful
+    training prompts draws from here."""
+    from vlsafe.data import splits
     from vlsafe.eval import benchmarks
     from vlsafe.safety import leakage
 
     seen, pool = set(), []
-    for prompt in benchmarks.advbench() + benchmarks.do_not_answer():
+    for prompt in (splits.training_part("advbench", benchmarks.advbench())
+                   + splits.training_part("donotanswer", benchmarks.do_not_answer())):
         key = " ".join(prompt.text.lower().split())
         if key not in seen:
             seen.add(key)

@@ -1,9 +1,22 @@
 """Keeping training and evaluation apart, and measuring memorised refusals.
 
-`check` fails a build when any evaluation prompt (HarmBench, StrongREJECT, the over-refusal set, the helpfulness
-set) appears in training data, exactly or as a near-duplicate (word-set Jaccard >= threshold after normalising
-case and punctuation, `benchmarks.find_overlap`). A model that saw an evaluation item in training is not being
-evaluated on held-out data, and its refusal rate says nothing about generalisation.
+`check` fails a build when any evaluation prompt (the evaluation sources of data/splits.yaml: HarmBench,
+StrongREJECT, the over-refusal set, the helpfulness set, the held-out parts of AdvBench and Do-Not-Answer)
+appears in training data, exactly or as a near-duplicate by either of two measures:
+
+  words      word-set Jaccard >= 0.8 after normalising case and punctuation (`benchmarks.find_overlap`): copies
+             and light edits
+  embedding  all-MiniLM-L6-v2 cosine >= 0.76: same request, other words ("What does 'extortion' mean?" vs
+             "What does the word "extortion" mean?", which share too few words for the first measure)
+
+The cosine threshold was chosen on labelled pairs written for it (safety/data/paraphrase_pairs.jsonl: 50
+paraphrases of one request, 50 hard negatives that share topic and words but ask something else, e.g. a bomb vs a
+bath bomb): the lowest threshold whose precision is at least 0.8. On those pairs it has precision 0.80 and recall
+0.56, and word overlap finds none of the 50 paraphrases (tests/test_leakage.py recomputes all three). MiniLM
+embeds topic more than intent, so the hard negatives it confuses are same-topic requests; a builder drops such
+candidates (cheap), and a file the project writes must be worded far enough from every evaluation prompt.
+A model that saw an evaluation item in training is not being evaluated on held-out data, and its refusal rate
+says nothing about generalisation.
 
 `verbatim_share` measures the other failure the scouting run showed: evaluation refusals that are word-for-word
 copies of a training response (memorised strings, which flatter keyword judges).
@@ -18,16 +31,20 @@ from typing import Callable, Iterable
 from vlsafe.data.records import Conversation, PreferencePair, Prompt
 from vlsafe.errors import VlsafeError
 
-NEAR_DUPLICATE = 0.8
+NEAR_DUPLICATE = 0.8  # word-set Jaccard
+SAME_MEANING = 0.76  # MiniLM cosine, chosen on paraphrase_pairs.jsonl (see above)
+PARAPHRASE_PAIRS = Path(__file__).parent / "data" / "paraphrase_pairs.jsonl"
 
 
 def evaluation_sets() -> dict[str, Callable[[], list[Prompt]]]:
-    """Every evaluation source the project reports on; training data must hold none of their prompts."""
+    """Every evaluation source declared in data/splits.yaml; training data must hold none of their prompts.
+    HarmBench and StrongREJECT count with every split and subset the project can evaluate."""
+    from vlsafe.data import splits
     from vlsafe.eval import benchmarks as b
 
-    return {"harmbench": lambda: b.harmbench("test") + b.harmbench("val") + b.harmbench_standard(),
-            "strongreject": lambda: b.strongreject() + b.strongreject(small=True),
-            "overrefusal": b.overrefusal, "text_helpfulness": b.text_helpfulness}
+    whole = {"harmbench": lambda: b.harmbench("test") + b.harmbench("val") + b.harmbench_standard(),
+             "strongreject": lambda: b.strongreject() + b.strongreject(small=True)}
+    return {name: whole.get(name, b.get(name).load) for name in splits.evaluation_names()}
 
 
 def user_prompts(records: Iterable) -> list[Prompt]:
@@ -46,9 +63,26 @@ def user_prompts(records: Iterable) -> list[Prompt]:
     return out
 
 
+def same_meaning(prompts: list[Prompt], others: list[Prompt], threshold: float = SAME_MEANING
+                 ) -> list[tuple[str, str, float]]:
+    """(id, other id, cosine) for every pair whose MiniLM embeddings are at least `threshold` apart in cosine."""
+    import numpy as np
+
+    from vlsafe.eval.embed import embedder
+
+    if not prompts or not others:
+        return []
+    left = embedder().encode([p.text for p in prompts])
+    right = embedder().encode([p.text for p in others])
+    cosine = left @ right.T
+    rows, cols = np.nonzero(cosine >= threshold)
+    return [(prompts[i].id, others[j].id, round(float(cosine[i, j]), 3)) for i, j in zip(rows, cols)]
+
+
 def find(training: list[Prompt], evaluation: dict[str, list[Prompt]] | None = None,
-         threshold: float = NEAR_DUPLICATE) -> list[dict]:
-    """Every (training prompt, evaluation prompt) pair that is an exact or near duplicate."""
+         threshold: float = NEAR_DUPLICATE, cosine: float | None = SAME_MEANING) -> list[dict]:
+    """Every (training prompt, evaluation prompt) pair that is a duplicate by word overlap (`similarity`, Jaccard)
+    or by meaning (`cosine`, when not None); `check` names which caught it."""
     from vlsafe.eval.benchmarks import find_overlap
 
     if evaluation is None:
@@ -57,33 +91,44 @@ def find(training: list[Prompt], evaluation: dict[str, list[Prompt]] | None = No
     found = []
     for name, prompts in evaluation.items():
         texts = {p.id: p.text for p in prompts}
+        hits: dict[tuple[str, str], dict] = {}
         for train_id, eval_id, similarity in find_overlap(training, prompts, threshold):
-            found.append({"training_id": train_id, "evaluation_set": name, "evaluation_id": eval_id,
-                          "similarity": similarity, "training": by_id[train_id].text[:120],
-                          "evaluation": texts[eval_id][:120]})
+            hits[train_id, eval_id] = {"check": "words", "similarity": similarity, "cosine": None}
+        for train_id, eval_id, value in (same_meaning(training, prompts, cosine) if cosine is not None else []):
+            hit = hits.setdefault((train_id, eval_id), {"check": "embedding", "similarity": None})
+            hit["cosine"] = value
+            if hit["check"] == "words":
+                hit["check"] = "words+embedding"
+        for (train_id, eval_id), hit in hits.items():
+            found.append({"training_id": train_id, "evaluation_set": name, "evaluation_id": eval_id, **hit,
+                          "training": by_id[train_id].text[:120], "evaluation": texts[eval_id][:120]})
     return found
 
 
 def check(records: Iterable, evaluation: dict[str, list[Prompt]] | None = None,
-          threshold: float = NEAR_DUPLICATE, where: str = "training data") -> dict:
+          threshold: float = NEAR_DUPLICATE, where: str = "training data", cosine: float | None = SAME_MEANING
+          ) -> dict:
     """Raises (one line, naming the first offender) if any evaluation prompt is in `records`; else a summary."""
     prompts = user_prompts(records)
-    found = find(prompts, evaluation, threshold)
+    found = find(prompts, evaluation, threshold, cosine)
     if found:
-        first = found[0]
+        first = max(found, key=lambda f: (f["similarity"] or 0, f["cosine"] or 0))
+        measure = (f"word overlap {first['similarity']}" if first["similarity"] is not None
+                   else f"embedding cosine {first['cosine']}")
         raise VlsafeError(f"{where}: {len(found)} evaluation prompt(s) leak into training, e.g. record "
                           f"{first['training_id']!r} ~ {first['evaluation_set']} {first['evaluation_id']!r} "
-                          f"(similarity {first['similarity']})")
-    return {"training_prompts": len(prompts), "threshold": threshold, "leaks": 0}
+                          f"({measure})")
+    return {"training_prompts": len(prompts), "threshold": threshold, "cosine": cosine, "leaks": 0}
 
 
 def drop_leaking(candidates: list[Prompt], evaluation: dict[str, list[Prompt]] | None = None,
-                 threshold: float = NEAR_DUPLICATE) -> tuple[list[Prompt], list[dict]]:
+                 threshold: float = NEAR_DUPLICATE, cosine: float | None = SAME_MEANING
+                 ) -> tuple[list[Prompt], list[dict]]:
     """The candidates with every near-duplicate of an evaluation prompt removed, and what was removed.
 
     Training sources overlap evaluation sources in the wild (AdvBench and HarmBench share behaviours), so a
     builder filters first and `check` then guards the written file."""
-    found = find(candidates, evaluation, threshold)
+    found = find(candidates, evaluation, threshold, cosine)
     bad = {f["training_id"] for f in found}
     return [p for p in candidates if p.id not in bad], found
 

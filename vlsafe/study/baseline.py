@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlsafe.errors import VlsafeError
+from vlsafe.eval.benchmarks import METRICS
 
 SCHEMA, SCHEMA_VERSION = "vlsafe.study", 1
 COLUMNS = [("llm", "text"), ("vlm0", "text"), ("vlm0", "blank"), ("vlm0", "typo")]
-HEADLINE = {"attack_success_rate": "ASR", "refusal_rate": "refusal", "accuracy": "accuracy"}
+HEADLINE = {name: METRICS[name].short for name in ("attack_success_rate", "refusal_rate", "accuracy")}
 
 
 @dataclass(frozen=True)
