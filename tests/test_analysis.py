@@ -311,8 +311,15 @@ def test_activations_emit_a_merge_that_copies_the_references_safety_layers(pico_
     llm, vlm = pico_models
     other = llm.parent / "other"
     emitted = tmp_path / "layers.yaml"
-    assert main(["analyze", "activations", "--model", str(vlm), "--reference", str(other), "--n", "8",
-                 "--out", str(tmp_path / "act"), "--emit-merge", str(emitted)]) == 0
+    # a random pico reference separates harmful from benign prompts by chance, on some prompt samples and not on
+    # others: the test is about copying whatever range was located, so it takes the first sample that locates one
+    for seed in range(6):
+        status = main(["analyze", "activations", "--model", str(vlm), "--reference", str(other), "--n", "8",
+                       "--seed", str(seed), "--out", str(tmp_path / "act"), "--emit-merge", str(emitted)])
+        if status == 0:
+            break
+        assert not (tmp_path / "act").exists() and not emitted.exists()  # the refusal wrote nothing
+    assert status == 0
     result = json.loads((tmp_path / "act" / "analysis.json").read_text())
     start, end = result["safety_layers"]["layer_range"]
     assert result["emitted_merge"]["layers"] == [{"layer_range": [start, end], "source": str(other.resolve())}]
