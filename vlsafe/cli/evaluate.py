@@ -97,6 +97,7 @@ def eval_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="SQLite cache (default $VLSAFE_CACHE/eval.sqlite)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     backend: str = typer.Option("hf", "--backend", help="hf | vllm (HF-exported models, GPUs)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware has it) | bf16 | fp32."),
 ) -> None:
     """Evaluate a model on a suite: per benchmark, condition, category and judge, rates with n and bootstrap 95%
     CIs; kappa between judges. Schema: vlsafe/eval/RESULTS.md."""
@@ -104,7 +105,8 @@ def eval_command(
 
     wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     report = evaluate(model, suite, out, judges=judge_names or None, limit=limit, conditions=wanted, corpus=corpus,
-                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True))
+                      cache_path=cache, batch_size=batch_size, backend=backend, dtype=dtype,
+                      log=lambda m: typer.echo(m, err=True))
     unmeasured = {}  # metric -> why, for the rows with no value (printed once, not once per row)
     for r in report["results"]:
         if r["category"] != "*":
