@@ -70,7 +70,7 @@ def test_sampled_generation_is_reproducible_from_its_seed(chatty_pico):
 def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     threads = torch.get_num_threads()
     assert main(["bench", "eval", "--model", "pico", "--n", "5", "--max-new-tokens", "3", "--batch-size", "2",
-                 "--threads", "1", "--json"]) == 0
+                 "--threads", "1", "--dtype", "fp32", "--peak-size", "64", "--json"]) == 0
     assert torch.get_num_threads() == threads  # the bench leaves the process as it found it
     report = json.loads(capsys.readouterr().out)
     modes = report["modes"]
@@ -78,6 +78,13 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
     assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
     assert report["same_text_naive_vs_batched"] == 5
+    assert report["precision"] == "fp32" and report["peak"]["bf16_flops"] > 0
+    naive, batched = modes["naive"]["tokens_per_s"], modes["batched"]["tokens_per_s"]
+    assert report["ratio"] == (pytest.approx(batched / naive, rel=1e-2) if naive else None)
+    for mode in modes.values():  # MFU = new tokens/s x 2 x params / bf16 peak
+        assert mode["precision"] == "fp32"
+        assert mode["mfu"] == pytest.approx(mode["tokens_per_s"] * report["flops_per_token"]
+                                            / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)
 
 
 def test_a_vlm_never_emits_its_image_placeholder(tmp_path):

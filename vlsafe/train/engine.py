@@ -175,6 +175,7 @@ class Run:
         self.bundle = checkpoint.load(config.model)
         stages.check_model(stage, self.bundle, config.model)
         self.formatter = self.bundle.formatter(config.max_length)
+        self.cleanup()  # an Accelerator made earlier in this process (a Trainer's) would pin its precision
         self.accelerator, self.precision = make_accelerator(
             config, lambda world: config.batch_size // (config.grad_accum * world))
         image_tokens = getattr(self.bundle.model.config, "num_image_tokens", 0)
