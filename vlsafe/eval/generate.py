@@ -107,7 +107,8 @@ def model_fingerprint(bundle) -> str:
         digest = hashlib.sha256()
         for name, tensor in sorted(bundle.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         weights = digest.hexdigest()
     template = getattr(bundle.tokenizer, "chat_template", None) or ""
     fingerprint = hashlib.sha256(f"{weights}\n{template}".encode()).hexdigest()
@@ -223,9 +224,9 @@ def set_precision(bundle, dtype: str):
 
     if dtype not in ("fp32", "bf16"):
         raise VlsafeError(f"generation dtype {dtype!r}: fp32 or bf16 (resolve 'auto' with vlsafe.precision)")
-    model_fingerprint(bundle)
     wanted = torch_dtype(dtype)
     if next(bundle.model.parameters()).dtype != wanted:
+        model_fingerprint(bundle)
         bundle.model.to(wanted)
     return bundle.model
 
