@@ -352,3 +352,16 @@ def test_length_grouping_cuts_padding_and_changes_no_records_loss():
             rows = _row_losses(bundle.model, fmt.collate([encoded[i] for i in batch], "right"))
             for i, value in zip(batch, rows.tolist()):
                 assert value == pytest.approx(alone[i], rel=1e-5), i
+
+
+def test_every_setting_is_documented_once_and_shown_by_help():
+    from typer.testing import CliRunner
+
+    from vlsafe.cli._app import app
+    from vlsafe.train.config import TrainConfig
+
+    assert all(field.description for field in TrainConfig.model_fields.values())
+    shown = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    for name, field in TrainConfig.model_fields.items():
+        if name != "provenance":
+            assert f"{name}: {' '.join(field.description.split())}" in shown, name
