@@ -114,10 +114,13 @@ def test_run_records_config_checkpoints_and_logs(work, adapted):
     assert meta["provenance"]["stage"] == "full" and meta["provenance"]["steps"] == 8
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, lora", [("fp32", None), ("bf16", None),
+                                         # LoRA dropout draws from torch's generator: its state must resume too
+                                         ("fp32", {"r": 4, "alpha": 8, "dropout": 0.3})])
+def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, dtype, lora):
     fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=2,
-                  grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2, dtype=dtype)
+                  grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2, dtype=dtype, lora=lora)
+    dtype = dtype + ("-lora" if lora else "")
     straight = _config(work, f"straight-{dtype}", out=str(work / f"straight-{dtype}"), **fields)
     assert main(["train", str(straight), "--no-progress"]) == 0
 
@@ -160,7 +163,7 @@ def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, dtype
     a, b = _weights(work / f"straight-{dtype}" / "final"), _weights(run / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert _losses(work / f"straight-{dtype}") == pytest.approx(_losses(run), abs=1e-6)
-    assert json.loads((run / "final" / "vlsafe.json").read_text())["provenance"]["precision"] == dtype
+    assert json.loads((run / "final" / "vlsafe.json").read_text())["provenance"]["precision"] == fields["dtype"]
 
 
 def test_lora_is_saved_as_plain_merged_weights(work):

@@ -129,8 +129,11 @@ def micro_batch_loader(dataset: EncodedRecords, plan: BatchPlan, rank: int, star
                        num_workers: int = 0):
     """Yields the collated micro-batches of this process from `start_step` on, in order (workers keep it)."""
     batches = [indices for step in range(start_step, total_steps) for indices in plan.micro_batches(step, rank)]
+    # a generator of its own: starting an iterator draws a worker seed, which from the global generator would
+    # shift the dropout draws of a resumed run (whose iterator starts after the restored RNG state) by one
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=partial(_collate, dataset.formatter, dataset.collate))
+                                       collate_fn=partial(_collate, dataset.formatter, dataset.collate),
+                                       generator=torch.Generator().manual_seed(start_step))
 
 
 def _collate(formatter, collate, batch):
