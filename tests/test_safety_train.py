@@ -264,3 +264,21 @@ def test_dpo_reference_logps_are_cached_equal_recomputed_and_reused_on_resume(wo
     assert main(["train", str(config), "--no-progress"]) == 0
     assert (run / "final" / "model.safetensors").is_file()
     assert [row["step"] for row in _log(run)] == [1, 2, 3, 4]
+
+
+def test_dpo_answer_log_probs_from_the_sliced_head_equal_the_full_head(work):
+    from vlsafe.model import checkpoint
+    from vlsafe.train import dpo
+
+    bundle = checkpoint.load(work / "vlm0")
+    fmt = bundle.formatter(2048)
+    pairs = _pairs(work, 4)
+    batch = dpo.collate(fmt, [dpo.encode(fmt, p) for p in pairs])
+    with torch.no_grad():
+        chosen, rejected = dpo.sequence_logps(bundle.model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        logits = bundle.model(**inputs).logits[:, :-1].float()
+        targets = batch["input_ids"][:, 1:]
+        token = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        full = (token * batch["completion_mask"][:, 1:]).sum(dim=1)
+    assert torch.allclose(torch.cat([chosen, rejected]), full, rtol=1e-5, atol=1e-4)

@@ -302,9 +302,10 @@ def _row_losses(model, batch) -> torch.Tensor:
     return per_token.sum(dim=1)
 
 
-def test_label_only_head_gives_the_loss_of_the_full_head(work):
+def test_label_only_head_gives_the_loss_of_the_full_head(work, monkeypatch):
     from vlsafe.data import formats
     from vlsafe.model import checkpoint
+    from vlsafe.train import stages
     from vlsafe.train.stages import label_only_loss
 
     cases = [(checkpoint.load(work / "vlm0"), formats.load("llava", work / "instruct.json")),
@@ -324,6 +325,11 @@ def test_label_only_head_gives_the_loss_of_the_full_head(work):
             loss_fn().backward()
             grads.append(bundle.model.get_output_embeddings().weight.grad.clone())
         assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        assert stages.takes_logits_to_keep(bundle.model)
+        with monkeypatch.context() as patch:  # an LM without logits_to_keep: sliced from the full head, same loss
+            patch.setattr(stages, "takes_logits_to_keep", lambda model: False)
+            assert float(label_only_loss(bundle.model, batch, n).detach()) == pytest.approx(float(full.detach()),
+                                                                                            rel=1e-5, abs=1e-6)
 
 
 def test_length_grouping_cuts_padding_and_changes_no_records_loss():

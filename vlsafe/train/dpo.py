@@ -80,12 +80,12 @@ class FusedView:
     def __call__(self, labels=None, fused_lm_head=True, **inputs):
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-        from vlsafe.train.stages import label_positions
+        from vlsafe.train.stages import head_logits, label_positions
 
         inputs["use_cache"] = False
         # logits at the answer positions only; TRL reads (rows, length - 1) tensors, zero where no label is
         keep = label_positions(labels)
-        logits = self.model(**inputs, logits_to_keep=keep).logits.float()
+        logits = head_logits(self.model, inputs, keep).float()
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         kept_mask, safe = mask[:, keep], targets[:, keep].clamp(min=0)

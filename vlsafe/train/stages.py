@@ -23,6 +23,7 @@ before step 1 (DPO's reference log-probs). The defaults are those of supervised 
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -70,12 +71,26 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
 
 
+def head_logits(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions `keep` only, through transformers' `logits_to_keep` where the (language) model takes
+    it, else sliced from the full head (an LLM whose remote code predates it)."""
+    if takes_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, keep]
+
+
+def takes_logits_to_keep(model) -> bool:
+    inner = plain_model(getattr(model, "module", model))  # DDP's wrapper, then PEFT's
+    inner = getattr(inner, "language_model", inner)  # a VLM passes it on to its LM
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def label_only_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """The sum of the shifted cross-entropy over target tokens / num_items, with the LM head applied only at
-    `label_positions` (transformers' `logits_to_keep`, which a VLM passes to its LM): the loss of the full head."""
+    `label_positions`: the loss (and gradient) of the full head, without its cost where no label is."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep = label_positions(batch["labels"])
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = head_logits(model, {**inputs, "use_cache": False}, keep)
     targets = batch["labels"][:, 1:][:, keep]
     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
