@@ -70,7 +70,7 @@ def test_sampled_generation_is_reproducible_from_its_seed(chatty_pico):
 def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     threads = torch.get_num_threads()
     assert main(["bench", "eval", "--model", "pico", "--n", "5", "--max-new-tokens", "3", "--batch-size", "2",
-                 "--threads", "1", "--json"]) == 0
+                 "--threads", "1", "--dtype", "fp32", "--peak-size", "64", "--json"]) == 0
     assert torch.get_num_threads() == threads  # the bench leaves the process as it found it
     report = json.loads(capsys.readouterr().out)
     modes = report["modes"]
@@ -78,6 +78,13 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
     assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
     assert report["same_text_naive_vs_batched"] == 5
+    assert report["precision"] == "fp32" and report["peak"]["bf16_flops"] > 0
+    naive, batched = modes["naive"]["tokens_per_s"], modes["batched"]["tokens_per_s"]
+    assert report["ratio"] == (pytest.approx(batched / naive, rel=1e-2) if naive else None)
+    for mode in modes.values():  # MFU = new tokens/s x 2 x params / bf16 peak
+        assert mode["precision"] == "fp32"
+        assert mode["mfu"] == pytest.approx(mode["tokens_per_s"] * report["flops_per_token"]
+                                            / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)
 
 
 def test_a_vlm_never_emits_its_image_placeholder(tmp_path):
@@ -95,3 +102,54 @@ def test_a_vlm_never_emits_its_image_placeholder(tmp_path):
     assert len(answers) == 3
     naive = _naive(bundle, prompts, generation.Decoding(max_new_tokens=4))
     assert answers == naive
+
+
+def _chatty(bundle):
+    with torch.no_grad():
+        for name, param in bundle.model.named_parameters():
+            if "norm" not in name:
+                param.mul_(8.0)
+    return bundle
+
+
+def test_bf16_batched_engine_writes_what_naive_bf16_writes_and_never_shares_fp32_cache(tmp_path):
+    from vlsafe.eval.cache import Cache
+    from vlsafe.model import checkpoint
+
+    bundle = _chatty(checkpoint.load("pico"))
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    fp32, bf16 = generation.Decoding(max_new_tokens=12), generation.Decoding(max_new_tokens=12, dtype="bf16")
+    fp32_keys = generation.generation_keys(bundle, prompts, fp32)
+    assert set(fp32_keys).isdisjoint(generation.generation_keys(bundle, prompts, bf16))
+    assert "dtype" not in fp32.key()  # fp32 keys are those written before precision was a setting
+
+    cache = Cache(tmp_path / "gen.sqlite")
+    batched = generation.generate(bundle, prompts, bf16, batch_size=4, cache=cache)  # > SEGMENT_TOKENS: continues
+    assert next(bundle.model.parameters()).dtype == torch.bfloat16
+    assert batched == _naive(bundle, prompts, bf16)  # both in bf16: the same greedy answers
+    assert cache.misses == len(prompts)
+    generation.generate(bundle, prompts, fp32, batch_size=4, cache=cache)  # fp32 never reads bf16 answers
+    assert cache.misses == 2 * len(prompts)
+    assert next(bundle.model.parameters()).dtype == torch.float32
+    cache.close()
+
+
+def test_eval_records_its_precision_and_refuses_one_it_cannot_run(tmp_path, capsys, monkeypatch):
+    from vlsafe import precision
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text("description: test\nseed: 0\nmax_new_tokens: 3\nentries:\n"
+                     "  - {benchmark: harmbench, sample: 3, conditions: [text]}\n")
+    base = ["eval", "--model", "pico", "--suite", str(suite), "--cache", str(tmp_path / "c.sqlite"),
+            "--judge", "refusal-patterns"]
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    for flag, resolved in (("auto", "bf16"), ("fp32", "fp32")):
+        assert main([*base, "--dtype", flag, "--out", str(tmp_path / flag)]) == 0
+        report = json.loads((tmp_path / flag / "results.json").read_text())
+        assert (report["config"]["dtype"], report["decoding"]["dtype"]) == (flag, resolved)
+        assert report["cache"]["generation_misses"] == 3  # the fp32 run shares nothing with the bf16 one
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    for flag, message in (("bf16", "no native bf16"), ("fp16", "not an evaluation precision")):
+        assert main([*base, "--dtype", flag, "--out", str(tmp_path / flag)]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / flag).exists()

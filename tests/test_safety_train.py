@@ -223,3 +223,62 @@ def test_on_policy_pairs_from_a_pico_vlm(work):
     assert all(judge.judge(p.prompt, p.chosen).refused and not judge.judge(p.prompt, p.rejected).refused
                for p in harmful)
     assert {p.image is not None for p in pairs} == {True, False}
+
+
+def test_dpo_reference_logps_are_cached_equal_recomputed_and_reused_on_resume(work, monkeypatch):
+    from vlsafe import precision
+    from vlsafe.model import checkpoint
+    from vlsafe.safety import jsonl
+    from vlsafe.train import checkpoints, dpo
+
+    pairs = _pairs(work, 4)
+    jsonl.save(pairs, work / "pairs4.jsonl")
+    run = work / "dpo-resume"
+    config = _config(work, "dpo-resume", stage="dpo", model=str(work / "vlm0"), out=str(run), lr=1e-2,
+                     data={"path": str(work / "pairs4.jsonl"), "format": "jsonl"}, batch_size=2, max_steps=4,
+                     save_every=2)
+    real_save = checkpoints.save_training_state
+
+    def killed_at_step_4(save_state, path):
+        if ".step-4.partial" in str(path):
+            raise KeyboardInterrupt
+        real_save(save_state, path)
+
+    monkeypatch.setattr(checkpoints, "save_training_state", killed_at_step_4)
+    assert main(["train", str(config), "--no-progress"]) == 130
+    monkeypatch.undo()
+    cached = json.loads((run / "reference_logps.json").read_text())
+    assert cached["ids"] == [p.id for p in pairs]
+    # recomputed from the starting model, in the precision the run used: the same numbers
+    used = cached["precision"]
+    assert used == precision.resolve("auto", "cpu")
+    bundle = checkpoint.load(work / "vlm0")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=used == "bf16"):
+        fresh = dpo.reference_logps(bundle.model, bundle.formatter(2048), pairs, 2, "cpu")
+    assert torch.allclose(torch.tensor(cached["logps"]), torch.tensor(fresh), rtol=1e-4, atol=1e-3)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a resumed DPO run recomputed its reference log-probs")
+
+    monkeypatch.setattr(dpo, "reference_logps", recomputed)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert (run / "final" / "model.safetensors").is_file()
+    assert [row["step"] for row in _log(run)] == [1, 2, 3, 4]
+
+
+def test_dpo_answer_log_probs_from_the_sliced_head_equal_the_full_head(work):
+    from vlsafe.model import checkpoint
+    from vlsafe.train import dpo
+
+    bundle = checkpoint.load(work / "vlm0")
+    fmt = bundle.formatter(2048)
+    pairs = _pairs(work, 4)
+    batch = dpo.collate(fmt, [dpo.encode(fmt, p) for p in pairs])
+    with torch.no_grad():
+        chosen, rejected = dpo.sequence_logps(bundle.model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        logits = bundle.model(**inputs).logits[:, :-1].float()
+        targets = batch["input_ids"][:, 1:]
+        token = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        full = (token * batch["completion_mask"][:, 1:]).sum(dim=1)
+    assert torch.allclose(torch.cat([chosen, rejected]), full, rtol=1e-5, atol=1e-4)

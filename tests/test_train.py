@@ -114,38 +114,56 @@ def test_run_records_config_checkpoints_and_logs(work, adapted):
     assert meta["provenance"]["stage"] == "full" and meta["provenance"]["steps"] == 8
 
 
-def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch):
+@pytest.mark.parametrize("dtype, lora", [("fp32", None), ("bf16", None),
+                                         # LoRA dropout draws from torch's generator: its state must resume too
+                                         ("fp32", {"r": 4, "alpha": 8, "dropout": 0.3})])
+def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, dtype, lora):
     fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=2,
-                  grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2)
-    straight = _config(work, "straight", out=str(work / "straight"), **fields)
+                  grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2, dtype=dtype, lora=lora)
+    dtype = dtype + ("-lora" if lora else "")
+    straight = _config(work, f"straight-{dtype}", out=str(work / f"straight-{dtype}"), **fields)
     assert main(["train", str(straight), "--no-progress"]) == 0
 
     from vlsafe.train import checkpoints
 
     real_save = checkpoints.save_training_state
 
-    def killed_at_step_6(accelerator, path):
+    def killed_at_step_6(save_state, path):
         if ".step-6.partial" in str(path):
             raise KeyboardInterrupt  # half-way through writing the step-6 checkpoint: its model files are there
-        real_save(accelerator, path)
+        real_save(save_state, path)
 
-    interrupted = _config(work, "interrupted", out=str(work / "interrupted"), **fields)
+    run = work / f"interrupted-{dtype}"
+    interrupted = _config(work, f"interrupted-{dtype}", out=str(run), **fields)
     monkeypatch.setattr(checkpoints, "save_training_state", killed_at_step_6)
     assert main(["train", str(interrupted), "--no-progress"]) == 130
     monkeypatch.undo()
-    run = work / "interrupted"
     assert (run / "checkpoints" / "step-3" / "trainer_state.json").is_file()
     assert (run / "checkpoints" / ".step-6.partial" / "model.safetensors").is_file()
     assert not (run / "checkpoints" / "step-6").exists() and not (run / "final").exists()
+    # the training state is safetensors and JSON: nothing a resume would have to unpickle
+    names = {p.name for p in (run / "checkpoints" / "step-3").rglob("*") if p.is_file()}
+    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".pth"))], names
+    assert {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng-0.json"} <= names
 
     # a different config must not continue this run
     assert main(["train", str(interrupted), "lr=1e-3", "--no-progress"]) == 2
+    import pickle
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a resume unpickled something")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
     assert main(["train", str(interrupted), "--no-progress"]) == 0
+    monkeypatch.undo()
     assert not (run / "checkpoints" / ".step-6.partial").exists()
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
-    a, b = _weights(work / "straight" / "final"), _weights(run / "final")
+    a, b = _weights(work / f"straight-{dtype}" / "final"), _weights(run / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    assert _losses(work / "straight") == pytest.approx(_losses(run), abs=1e-6)
+    assert _losses(work / f"straight-{dtype}") == pytest.approx(_losses(run), abs=1e-6)
+    assert json.loads((run / "final" / "vlsafe.json").read_text())["provenance"]["precision"] == fields["dtype"]
 
 
 def test_lora_is_saved_as_plain_merged_weights(work):
@@ -166,8 +184,9 @@ def test_lora_is_saved_as_plain_merged_weights(work):
 
 def test_two_cpu_processes_give_the_weights_of_one(work):
     pytest.importorskip("accelerate")
+    # fp32: in bf16 a micro-batch's padding (its shape) changes roundings, which Adam turns into lr-sized steps
     fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=4,
-                  max_steps=3)
+                  max_steps=3, dtype="fp32")
     one = _config(work, "one", out=str(work / "one"), **fields)
     two = _config(work, "two", out=str(work / "two"), **fields)
     assert main(["train", str(one), "--no-progress"]) == 0
@@ -228,3 +247,130 @@ def test_shipped_configs_validate(name):
                                                                 ("full", 2e-5, 128))
         assert (config.epochs, config.max_steps, config.warmup_ratio, config.weight_decay, config.max_length,
                 config.dtype) == (1, None, 0.03, 0.0, 2048, "bf16")
+
+
+# ----------------------------------------------------------------------------------------- precision and speed
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_both_precisions_lower_the_loss_and_record_it(work, dtype, monkeypatch):
+    from vlsafe import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # bf16 is emulated where the CPU lacks it
+    config = _config(work, f"prec-{dtype}", stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"),
+                     out=str(work / f"prec-{dtype}"), lr=3e-3, batch_size=6, max_steps=6, save_every=3, dtype=dtype)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    run = work / f"prec-{dtype}"
+    losses = _losses(run)
+    assert losses[-1] < losses[0] - 0.4, losses
+    assert yaml.safe_load((run / "config.yaml").read_text())["provenance"]["precision"] == dtype
+    for model_dir in (run / "checkpoints" / "step-3", run / "final"):
+        assert json.loads((model_dir / "vlsafe.json").read_text())["provenance"]["precision"] == dtype
+    # master weights stay fp32 in both: what is saved (and resumed) is never rounded to bf16
+    assert {t.dtype for t in _weights(run / "final").values()} == {torch.float32}
+
+
+def test_auto_picks_bf16_only_where_the_cpu_has_it_and_refuses_what_cannot_run(work, capsys, monkeypatch):
+    from vlsafe import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.resolve("auto", "cpu") == "fp32"
+    config = _config(work, "no-bf16", stage="projector", model=str(work / "vlm0"), data=str(work / "captions.json"),
+                     out=str(work / "no-bf16"), lr=1e-3, batch_size=6, max_steps=1)
+    for dtype, message in (("bf16", "no native bf16"), ("fp16", "CUDA GPUs only")):
+        assert main(["train", str(config), f"dtype={dtype}", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (work / "no-bf16").exists()
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve("auto", "cpu") == "bf16"
+
+
+def _text_records(n: int = 12):
+    from vlsafe.data.records import Conversation, Turn
+
+    # lengths from a word to a paragraph, so batches of a shuffled order are padded a lot
+    return [Conversation(id=f"r{i}", turns=[Turn(role="user", content="Say something " + "long " * (i * i % 23)),
+                                            Turn(role="assistant", content="word " * (1 + (i * 7) % 19))])
+            for i in range(n)]
+
+
+def _row_losses(model, batch) -> torch.Tensor:
+    """Summed target-token cross-entropy of each row, from the full head."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                  reduction="none")
+    return per_token.sum(dim=1)
+
+
+def test_label_only_head_gives_the_loss_of_the_full_head(work, monkeypatch):
+    from vlsafe.data import formats
+    from vlsafe.model import checkpoint
+    from vlsafe.train import stages
+    from vlsafe.train.stages import label_only_loss
+
+    cases = [(checkpoint.load(work / "vlm0"), formats.load("llava", work / "instruct.json")),
+             (checkpoint.load("pico"), _text_records())]
+    for bundle, records in cases:
+        fmt = bundle.formatter(256)
+        batch = fmt.collate([fmt.encode_conversation(r) for r in records], "right")
+        n = (batch["labels"][:, 1:] != -100).sum()
+        full = bundle.model(**batch, num_items_in_batch=n).loss
+        sliced = label_only_loss(bundle.model, batch, n)
+        assert float(sliced.detach()) == pytest.approx(float(full.detach()), rel=1e-5, abs=1e-6)
+        # and its gradient: the same function of the weights
+        grads = []
+        for loss_fn in (lambda: bundle.model(**batch, num_items_in_batch=n).loss,
+                        lambda: label_only_loss(bundle.model, batch, n)):
+            bundle.model.zero_grad()
+            loss_fn().backward()
+            grads.append(bundle.model.get_output_embeddings().weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        assert stages.takes_logits_to_keep(bundle.model)
+        with monkeypatch.context() as patch:  # an LM without logits_to_keep: sliced from the full head, same loss
+            patch.setattr(stages, "takes_logits_to_keep", lambda model: False)
+            assert float(label_only_loss(bundle.model, batch, n).detach()) == pytest.approx(float(full.detach()),
+                                                                                            rel=1e-5, abs=1e-6)
+
+
+def test_length_grouping_cuts_padding_and_changes_no_records_loss():
+    from vlsafe.model import checkpoint
+    from vlsafe.train.batches import BatchPlan, record_length
+
+    bundle = checkpoint.load("pico")
+    records = _text_records(48)
+    fmt = bundle.formatter(256)
+    encoded = [fmt.encode_conversation(r) for r in records]
+    lengths = tuple(record_length(r) for r in records)
+    plain, grouped = BatchPlan(48, 4, 1, 1, 0), BatchPlan(48, 4, 1, 1, 0, lengths)
+
+    def padding(plan) -> int:
+        return sum(len(batch) * max(len(encoded[i].input_ids) for i in batch) - sum(len(encoded[i].input_ids)
+                                                                                   for i in batch)
+                   for batch in plan.epoch_batches(0))
+
+    assert padding(grouped) < padding(plain) / 2
+    for epoch in (0, 1):  # every record once per epoch, in an order that is a function of (seed, epoch) only
+        assert sorted(i for b in grouped.epoch_batches(epoch) for i in b) == list(range(48))
+        assert grouped.epoch_batches(epoch) == BatchPlan(48, 4, 1, 1, 0, lengths).epoch_batches(epoch)
+    assert grouped.micro_batches(13, 0) == [grouped.epoch_batches(1)[1]]
+    # a record's loss is the same in its length-grouped batch as alone (right padding is never attended to)
+    few = BatchPlan(12, 4, 1, 1, 0, lengths[:12])
+    with torch.no_grad():
+        for batch in few.epoch_batches(0):
+            rows = _row_losses(bundle.model, fmt.collate([encoded[i] for i in batch], "right"))
+            for i, value in zip(batch, rows.tolist()):
+                alone = float(_row_losses(bundle.model, fmt.collate([encoded[i]], "right"))[0])
+                assert value == pytest.approx(alone, rel=1e-5), i
+
+
+def test_every_setting_is_documented_once_and_shown_by_help():
+    from typer.testing import CliRunner
+
+    from vlsafe.cli._app import app
+    from vlsafe.train.config import TrainConfig
+
+    assert all(field.description for field in TrainConfig.model_fields.values())
+    shown = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    for name, field in TrainConfig.model_fields.items():
+        if name != "provenance":
+            assert f"{name}: {' '.join(field.description.split())}" in shown, name

@@ -8,6 +8,10 @@ Speed-up is naive seconds / mode seconds on the same prompts. Greedy, so naive a
 to float rounding from padding and batch shape (`same_text_naive_vs_batched` counts exact matches); `generated`
 counts the prompts that reached the model.
 
+Both sides generate in the same precision (`--dtype`, auto = bf16 where the hardware has it). The matmul peak
+(fp32, bf16) is measured in the same run; each mode reports MFU against the bf16 peak (limits.py), and `ratio`
+is batched over naive new tokens/s.
+
 On a CPU the naive side is bound by reading every weight once per token, the batched side by arithmetic: the
 ratio grows with the batch, the answer lengths and free memory bandwidth, and shrinks with prompt length (the
 prompt pass costs the same on both sides). Both sides run under the same `threads`; on a machine another job
@@ -19,6 +23,8 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+
+from vlsafe.errors import VlsafeError
 
 
 def _prompts(n: int):
@@ -48,28 +54,38 @@ def _naive(bundle, prompts, decoding) -> list[str]:
 
 
 def run(model: str = "smollm2-135m-instruct", n: int = 32, max_new_tokens: int = 32, batch_size: int = 32,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, dtype: str = "auto", peak_size: int = 2048) -> dict:
     import torch
 
+    from vlsafe import precision as precisions
+
+    if dtype == "fp16":
+        raise VlsafeError("--dtype fp16 is not a generation precision (fp32, bf16 or auto)")
+    precision = precisions.resolve(dtype, precisions.device_type())
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(model, n, max_new_tokens, batch_size)
+        return _run(model, n, max_new_tokens, batch_size, precision, peak_size)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(model: str, n: int, max_new_tokens: int, batch_size: int) -> dict:
+def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: str, peak_size: int) -> dict:
     import torch
 
+    from vlsafe import precision as precisions
+    from vlsafe.bench import limits
     from vlsafe.eval.cache import Cache
-    from vlsafe.eval.generate import Decoding, generate
+    from vlsafe.eval.generate import Decoding, generate, set_precision
     from vlsafe.model import checkpoint
 
+    peak = limits.peaks(peak_size, device=precisions.device_type())
     bundle = checkpoint.load(model)
     prompts = _prompts(n)
-    decoding = Decoding(max_new_tokens=max_new_tokens)
+    decoding = Decoding(max_new_tokens=max_new_tokens, dtype=precision)
+    set_precision(bundle, precision)  # the naive side runs in the same precision as the engine
+    flops_per_token = 2 * limits.model_params(bundle.model)
     tokenizer = bundle.tokenizer
 
     def count(texts: list[str]) -> int:
@@ -92,9 +108,14 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int) -> dict:
                 batched = texts
         cache.close()
     naive_seconds = modes["naive"][0]
-    return {"model": model, "n": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "threads": torch.get_num_threads(),
-            "modes": {name: {"seconds": round(s, 6), "new_tokens": t, "tokens_per_s": round(t / max(s, 1e-9), 1),
-                             "speedup": round(naive_seconds / max(s, 1e-9), 2), "generated": g}
-                      for name, (s, t, g) in modes.items()},
+    report = {name: {"seconds": round(s, 6), "new_tokens": t, "tokens_per_s": round(t / max(s, 1e-9), 1),
+                     "speedup": round(naive_seconds / max(s, 1e-9), 2), "generated": g, "precision": precision,
+                     "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, peak["bf16_flops"])}
+              for name, (s, t, g) in modes.items()}
+    return {"bench": "eval", "model": model, "n": len(prompts), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "threads": torch.get_num_threads(), "precision": precision, "peak": peak,
+            "flops_per_token": flops_per_token, "modes": report,
+            # None when the model wrote nothing to count (a random pico model writes blank answers)
+            "ratio": (round(report["batched"]["tokens_per_s"] / report["naive"]["tokens_per_s"], 3)
+                      if report["naive"]["tokens_per_s"] else None),
             "same_text_naive_vs_batched": sum(a == b for a, b in zip(naive, batched))}

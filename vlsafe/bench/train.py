@@ -1,8 +1,11 @@
-"""`vlsafe bench train`: stage-2 training throughput of vlsafe's engine against a plain `transformers.Trainer`.
+"""`vlsafe bench train`: stage-2 training throughput of vlsafe's engine against a plain `transformers.Trainer`,
+and how far each is from the machine's limit.
 
-Both train the same VLM (VLM@0 of the chosen LLM and tower) on the same encoded stage-2 conversations of the
-built-in corpus, with the same global batch, learning rate and step count, one after the other in this process.
-Throughput is input tokens (non-padding) per second over the steps after the first (which pays one-off costs).
+Both train the same VLM (VLM@0 of the chosen LLM and tower) on the same batches of the built-in corpus's stage-2
+conversations (the engine's length-grouped batch plan, fed to the Trainer in order), in the same precision, with
+the same learning rate and step count, one after the other in this process. Throughput is input tokens
+(non-padding) per second over the steps after the first (which pays one-off costs). The matmul peak (fp32 and
+bf16) is measured in the same run, and MFU is reported against the bf16 peak (see limits.py).
 
     vlsafe bench train --llm smollm2-135m-instruct --tower efficientnet-lite0 --steps 4 --json
 """
@@ -26,34 +29,45 @@ def _corpus(root: Path, n: int, seed: int) -> Path:
     return root / "synth" / "stage2_instruct.json"
 
 
-def run_vlsafe(model_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float,
-               max_length: int) -> dict:
+def _config(model_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float, max_length: int,
+            precision: str):
     from vlsafe.train.config import TrainConfig
+
+    return TrainConfig(stage="full", model=str(model_dir), data=[{"path": str(data)}], out=str(out), lr=lr,
+                       batch_size=batch_size, max_steps=steps, warmup_ratio=0.0, max_length=max_length,
+                       save_every=0, log_every=1, dtype=precision)
+
+
+def run_vlsafe(config) -> dict:
     from vlsafe.train.engine import train
 
-    config = TrainConfig(stage="full", model=str(model_dir), data=[{"path": str(data)}], out=str(out), lr=lr,
-                         batch_size=batch_size, max_steps=steps, warmup_ratio=0.0, max_length=max_length,
-                         save_every=0, log_every=1)
     train(config, show_progress=False)
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]
+    rows = [json.loads(line) for line in (Path(config.out) / "log.jsonl").read_text().splitlines()][1:]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["tokens"] / r["tokens_per_s"] for r in rows)
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
             "steps_timed": len(rows), "final_loss": rows[-1]["loss"] if rows else None}
 
 
-def run_trainer(model_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float,
-                max_length: int) -> dict:
-    """The baseline users would write: HF Trainer over the same encoded records and collator."""
+def run_trainer(config, out: Path) -> dict:
+    """The baseline users would write: HF Trainer over the same encoded records, batches and collator."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from vlsafe.data.formats import llava
     from vlsafe.model import checkpoint
+    from vlsafe.train import stages
+    from vlsafe.train.batches import BatchPlan, record_length
+    from vlsafe.train.engine import load_data
 
-    bundle = checkpoint.load(model_dir)
-    fmt = bundle.formatter(max_length=max_length)
+    bundle = checkpoint.load(config.model)
+    fmt = bundle.formatter(max_length=config.max_length)
     for name, param in bundle.model.named_parameters():  # stage 2 trains projector + LM, as the engine does
         param.requires_grad = not name.startswith("vision_tower.")
-    encoded = [fmt.encode_conversation(c) for c in llava.load(data)]
+    records, _ = load_data(config, stages.get_stage(config.stage))
+    image_tokens = bundle.model.config.num_image_tokens
+    plan = BatchPlan(len(records), config.batch_size, 1, 1, config.seed,
+                     tuple(record_length(r, image_tokens) for r in records) if config.group_by_length else None)
+    # the engine's batches, in its order: the Trainer reads them sequentially
+    ordered = [fmt.encode_conversation(records[i]) for step in range(config.max_steps)
+               for i in plan.micro_batches(step, 0)[0]]
 
     class Timer(TrainerCallback):
         """Step ends only: the time between two is a whole step, data loading included, as the engine times it."""
@@ -67,19 +81,26 @@ def run_trainer(model_dir: Path, data: Path, out: Path, steps: int, batch_size: 
     tokens_per_step: list[int] = []
 
     def collate(batch):
-        out = fmt.collate(batch)
-        tokens_per_step.append(int(out["attention_mask"].sum()))
-        return out
+        collated = fmt.collate(batch)
+        tokens_per_step.append(int(collated["attention_mask"].sum()))
+        return collated
 
     timer = Timer()
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps,
-                             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Trainer(model=bundle.model, args=args, train_dataset=encoded, data_collator=collate,
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=config.batch_size,
+                             max_steps=config.max_steps, learning_rate=config.lr, lr_scheduler_type="cosine",
+                             warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=not torch.cuda.is_available(), seed=config.seed, dataloader_num_workers=0,
+                             remove_unused_columns=False, disable_tqdm=True, train_sampling_strategy="sequential",
+                             bf16=config.dtype == "bf16", fp16=config.dtype == "fp16")
+    trainer = Trainer(model=bundle.model, args=args, train_dataset=ordered, data_collator=collate,
                       callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # its per-step prints would corrupt `--json` output
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        from vlsafe.train.engine import Run
+
+        Run.cleanup()  # the Trainer's Accelerator state must not pin the precision of what runs next
     spans = [end - start for start, end in zip(timer.marks, timer.marks[1:])]  # steps 2..n
     tokens = sum(tokens_per_step[1:len(spans) + 1])
     seconds = sum(spans)
@@ -89,19 +110,28 @@ def run_trainer(model_dir: Path, data: Path, out: Path, steps: int, batch_size: 
 
 
 def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2e-5, max_length: int = 512,
-        n: int = 64, seed: int = 0) -> dict:
+        n: int = 64, seed: int = 0, dtype: str = "auto", peak_size: int = 2048) -> dict:
     if steps < 2:
         raise VlsafeError("--steps must be at least 2 (the first step is not timed)")
+    from vlsafe import precision as precisions
+    from vlsafe.bench import limits
     from vlsafe.model import checkpoint
 
+    device = precisions.device_type()
+    precision = precisions.resolve(dtype, device)
+    peak = limits.peaks(peak_size, device=device)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="vlsafe-bench-train-") as tmp:
         root = Path(tmp)
         data = _corpus(root, n, seed)
-        checkpoint.save(checkpoint.build_vlm(llm, tower, seed=seed), root / "vlm0")
-        ours = run_vlsafe(root / "vlm0", data, root / "ours", steps, batch_size, lr, max_length)
-        baseline = run_trainer(root / "vlm0", data, root / "trainer", steps, batch_size, lr, max_length)
+        vlm = checkpoint.build_vlm(llm, tower, seed=seed)
+        flops_per_token = 6 * limits.model_params(vlm.model)
+        checkpoint.save(vlm, root / "vlm0")
+        config = _config(root / "vlm0", data, root / "ours", steps, batch_size, lr, max_length, precision)
+        sides = {"vlsafe": run_vlsafe(config), "transformers_trainer": run_trainer(config, root / "trainer")}
+    for side in sides.values():
+        side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, peak["bf16_flops"])}
     return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
-            "max_length": max_length, "threads": torch.get_num_threads(), "vlsafe": ours,
-            "transformers_trainer": baseline,
-            "ratio_tokens_per_s": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)}
+            "max_length": max_length, "threads": torch.get_num_threads(), "precision": precision, "peak": peak,
+            "flops_per_token": flops_per_token, **sides,
+            "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3)}

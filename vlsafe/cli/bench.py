@@ -41,21 +41,28 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
                 steps: int = typer.Option(4, "--steps", help="optimizer steps per side (the first is not timed)"),
                 batch_size: int = typer.Option(8, "--batch-size"),
                 max_length: int = typer.Option(512, "--max-length"),
+                dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32 (both sides)."),
+                peak_size: int = typer.Option(2048, "--peak-size", min=16, help="matmul size of the peak measure."),
                 as_json: bool = typer.Option(False, "--json")) -> None:
-    """Stage-2 tokens/s: vlsafe's engine vs a plain transformers.Trainer, same model, data and batch."""
+    """Stage-2 tokens/s and MFU: vlsafe's engine vs a plain transformers.Trainer, same model, batches and
+    precision, against the matmul peak measured in the same run."""
     from vlsafe.bench.train import run as run_bench
 
-    report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length)
+    report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                       peak_size=peak_size)
     if as_json:
         echo_json(report)
     else:
         ours, base = report["vlsafe"], report["transformers_trainer"]
-        print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps",
-                     ["side", "tokens/s", "tokens", "seconds", "final loss"],
-                     [["vlsafe", ours["tokens_per_s"], ours["tokens"], ours["seconds"], ours["final_loss"]],
-                      ["transformers.Trainer", base["tokens_per_s"], base["tokens"], base["seconds"],
-                       base["final_loss"]],
-                      ["ratio", report["ratio_tokens_per_s"], "", "", ""]])
+        peak = report["peak"]
+        print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps, {report['precision']}; "
+                    f"peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16_flops'] / 1e9:.0f} bf16",
+                     ["side", "tokens/s", "MFU", "tokens", "seconds", "final loss"],
+                     [["vlsafe", ours["tokens_per_s"], f"{ours['mfu']:.1%}", ours["tokens"], ours["seconds"],
+                       ours["final_loss"]],
+                      ["transformers.Trainer", base["tokens_per_s"], f"{base['mfu']:.1%}", base["tokens"],
+                       base["seconds"], base["final_loss"]],
+                      ["ratio", report["ratio"], "", "", "", ""]])
 
 
 @bench_app.command("eval")
@@ -65,17 +72,22 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
                batch_size: int = typer.Option(32, "--batch-size", min=1),
                threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                                      help="torch threads for both sides (default: torch's)."),
+               dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32 (every mode)."),
+               peak_size: int = typer.Option(2048, "--peak-size", min=16, help="matmul size of the peak measure."),
                as_json: bool = typer.Option(False, "--json")) -> None:
-    """Generation throughput: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun."""
+    """Generation throughput and MFU: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun,
+    in the same precision, against the matmul peak measured in the same run."""
     from vlsafe.bench.eval import run as run_bench
 
-    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads)
+    report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads,
+                       dtype=dtype, peak_size=peak_size)
     if as_json:
         echo_json(report)
     else:
         print_table(f"generation: {report['model']} ({report['n']} prompts, <= {max_new_tokens} new tokens, batch "
-                    f"{batch_size}, {report['threads']} threads; {report['same_text_naive_vs_batched']}/{report['n']} "
-                    "answers identical)",
-                     ["mode", "seconds", "new tokens/s", "speed-up", "generated"],
-                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.1f}x", r["generated"]]
-                      for m, r in report["modes"].items()])
+                    f"{batch_size}, {report['threads']} threads, {report['precision']}; "
+                    f"{report['same_text_naive_vs_batched']}/{report['n']} answers identical; bf16 peak "
+                    f"{report['peak']['bf16_flops'] / 1e9:.0f} GFLOP/s)",
+                     ["mode", "seconds", "new tokens/s", "MFU", "speed-up", "generated"],
+                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['mfu']:.2%}", f"{r['speedup']:.1f}x",
+                       r["generated"]] for m, r in report["modes"].items()])

@@ -120,6 +120,7 @@ def eval_command(
     data: Optional[List[str]] = typer.Option(
         None, "--data", help="NAME=PATH: the local file of a suite entry's published benchmark (repeatable), e.g. "
                              "--data xstest=xstest_prompts.csv for `--suite paper`."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware has it) | bf16 | fp32."),
 ) -> None:
     """Evaluate a model on a suite: per benchmark, condition, category and judge, rates with n and bootstrap 95%
     CIs; kappa between judges. Schema: vlsafe/eval/RESULTS.md."""
@@ -127,8 +128,8 @@ def eval_command(
 
     wanted = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     report = evaluate(model, suite, out, judges=judge_names or None, limit=limit, conditions=wanted, corpus=corpus,
-                      cache_path=cache, batch_size=batch_size, backend=backend, log=lambda m: typer.echo(m, err=True),
-                      data=_data_options(data))
+                      cache_path=cache, batch_size=batch_size, backend=backend, dtype=dtype,
+                      log=lambda m: typer.echo(m, err=True), data=_data_options(data))
     unmeasured = {}  # metric -> why, for the rows with no value (printed once, not once per row)
     for r in report["results"]:
         if r["category"] != "*":

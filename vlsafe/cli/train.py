@@ -10,7 +10,17 @@ import typer
 from vlsafe.cli._app import app, echo_json
 
 
-@app.command()
+def _settings_help() -> str:
+    """The config's fields and their help text, from TrainConfig itself (one place for code, --help and docs)."""
+    from vlsafe.train.config import TrainConfig
+
+    lines = [f"{name}: {field.description}" for name, field in TrainConfig.model_fields.items()
+             if field.description and name != "provenance"]
+    # typer (click) rewraps plain text: a blank line between entries keeps one setting per paragraph
+    return "Settings (YAML keys, or key=value):\n\n" + "\n\n".join(lines)
+
+
+@app.command(epilog=_settings_help())
 def train(config: Path = typer.Argument(..., help="Training YAML (see configs/train/)."),
           overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings over the YAML, e.g. lr=1e-4"),
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:

@@ -4,6 +4,9 @@ batching), a shared prompt prefix runs once; greedy by default, seeded sampling 
 Generate once, judge many: with a `Cache`, every prompt whose (model fingerprint, prompt, system prompt, image
 sha256, decoding, backend) was generated before is read back, and only the rest reach the model.
 
+Precision is part of the decoding (`Decoding.dtype`, fp32 or bf16): the model's weights are cast to it before the
+first token, and a non-fp32 precision is part of the cache key, so bf16 and fp32 answers never mix.
+
 Backends: `hf` (default: the model in this process, any `checkpoint.Bundle`) and `vllm` (optional, GPUs; only for
 HF-exported directories, i.e. `LlavaForConditionalGeneration` from `vlsafe export-hf` or a plain causal LM).
 """
@@ -34,6 +37,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16 (vlsafe.precision: resolve `auto` before building a Decoding)
 
     def kwargs(self) -> dict:
         out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
@@ -47,7 +51,9 @@ class Decoding:
         """The settings that change the output: greedy decoding ignores seed, temperature and top_p, so greedy
         runs under different seeds share their cached generations."""
         settings = dataclasses.asdict(self) if self.do_sample else {"max_new_tokens": self.max_new_tokens,
-                                                                     "do_sample": False}
+                                                                     "do_sample": False, "dtype": self.dtype}
+        if settings["dtype"] == "fp32":  # keys written before precision was a setting were fp32 ones
+            settings.pop("dtype")
         return json.dumps(settings, sort_keys=True)
 
 
@@ -101,7 +107,8 @@ def model_fingerprint(bundle) -> str:
         digest = hashlib.sha256()
         for name, tensor in sorted(bundle.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         weights = digest.hexdigest()
     template = getattr(bundle.tokenizer, "chat_template", None) or ""
     fingerprint = hashlib.sha256(f"{weights}\n{template}".encode()).hexdigest()
@@ -164,7 +171,7 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
     starts with (the chat template's preamble and system prompt: often most of a short prompt) run once.
     Greedy answers are those of one `model.generate` per prompt, up to float rounding.
     """
-    fmt, model = bundle.formatter(), bundle.model
+    fmt, model = bundle.formatter(), set_precision(bundle, decoding.dtype)
     encoded = [fmt.encode_prompt(p.text, p.image, system=system, record_id=p.id) for p in prompts]
     pending = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
     stop, pad = stop_and_pad_ids(bundle)
@@ -205,6 +212,23 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
 
 
 SEGMENT_TOKENS = 8
+
+
+def set_precision(bundle, dtype: str):
+    """Casts the bundle's model to `dtype` (fp32 | bf16) where it is not already; returns the model.
+
+    Whole-model bf16, not autocast: decoding is bound by reading the weights once per token, and autocast would
+    read fp32 weights and cast them at every step. The fingerprint (the cache key) is taken first, so it stays
+    the fingerprint of the weights as loaded."""
+    from vlsafe.precision import torch_dtype
+
+    if dtype not in ("fp32", "bf16"):
+        raise VlsafeError(f"generation dtype {dtype!r}: fp32 or bf16 (resolve 'auto' with vlsafe.precision)")
+    wanted = torch_dtype(dtype)
+    if next(bundle.model.parameters()).dtype != wanted:
+        model_fingerprint(bundle)
+        bundle.model.to(wanted)
+    return bundle.model
 
 
 @dataclass
@@ -321,7 +345,8 @@ def _generate_vllm(bundle, prompts, decoding, batch_size, system, progress) -> l
         raise VlsafeError("backend 'vllm' needs the vllm package (pip install 'vlsafe[vllm]', GPU machines)") from None
     import base64
 
-    llm = vllm.LLM(model=str(directory), seed=decoding.seed)
+    llm = vllm.LLM(model=str(directory), seed=decoding.seed,
+                   dtype="bfloat16" if decoding.dtype == "bf16" else "float32")
     params = vllm.SamplingParams(max_tokens=decoding.max_new_tokens, seed=decoding.seed,
                                  temperature=decoding.temperature if decoding.do_sample else 0.0,
                                  top_p=decoding.top_p if decoding.do_sample else 1.0)

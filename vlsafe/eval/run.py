@@ -171,10 +171,11 @@ def git_hash() -> str | None:
 def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None = None, limit: int | None = None,
              conditions: list[str] | None = None, corpus: str | Path | None = None,
              cache_path: str | Path | None = None, batch_size: int = 16, backend: str = "hf", log=print,
-             judge: str | None = None, data: dict[str, str] | None = None) -> dict:
+             judge: str | None = None, data: dict[str, str] | None = None, dtype: str = "auto") -> dict:
     """Evaluate `model` on `suite` into the new directory `out`; returns the results.json object. `judges`
     replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`); `data` maps suite
-    entry names to local files of published benchmarks (`--data NAME=PATH`)."""
+    entry names to local files of published benchmarks (`--data NAME=PATH`). `dtype`: the generation precision
+    (auto | fp32 | bf16; auto = bf16 where the hardware has it, see vlsafe/precision.py)."""
     import numpy
 
     from vlsafe.eval import benchmarks
@@ -202,12 +203,17 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
         judges = [judge, *(judges or [])]
     # before any generation: a bad judge name costs nothing
     judge_impls = list({j.name: j for j in map(get_judge, judges or spec.judges)}.values())
+    from vlsafe import precision
+
+    if dtype == "fp16":
+        raise VlsafeError("--dtype fp16 is not an evaluation precision (fp32, bf16 or auto)")
+    resolved_dtype = precision.resolve(dtype, precision.device_type())
     # every entry's data is found and validated before the model loads: bad input costs nothing
     resolved = resolve(suite_name, spec, data, corpus, suite_path(suite).parent)
     started = time.time()
     bundle = checkpoint.load(model)
     cache = Cache(cache_path)
-    decoding = Decoding(max_new_tokens=spec.max_new_tokens, seed=spec.seed)
+    decoding = Decoding(max_new_tokens=spec.max_new_tokens, seed=spec.seed, dtype=resolved_dtype)
     items, samples, skipped, item_ids = [], [], [], []
     with atomic_dir(out) as tmp:
         for entry, bench, prompts in resolved:
@@ -251,8 +257,8 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
             "benchmarks": [{**bench.provenance(), "name": entry.name} for entry, bench, _ in resolved
                            if bench is not None],
             "config": {"judges": judges, "limit": limit, "conditions": conditions,
-                       "corpus": str(corpus) if corpus else None, "data": data or {}, "batch_size": batch_size, "backend": backend,
-                       "seed": spec.seed},
+                       "corpus": str(corpus) if corpus else None, "data": data or {}, "batch_size": batch_size,
+                       "backend": backend, "seed": spec.seed, "dtype": dtype},
             "judges": [{"name": j.name, "version": j.version} for j in judge_impls],
             "decoding": decoding.__dict__,
             "ci": {**BOOTSTRAP, "seed": spec.seed, "numpy": numpy.__version__},

@@ -4,7 +4,8 @@
     out/log.jsonl              one line per logged step: step, epoch, loss, lr, grad_norm, tokens, tokens_per_s
     out/tb/                    the same as TensorBoard events
     out/checkpoints/step-N/    an HF-style model dir (`vlsafe eval --model` reads it: the safety-dynamics curve),
-                               + training_state/ (accelerate: weights, optimizer, scheduler, RNG of each process)
+                               + training_state/ (trained weights, optimizer, scheduler, RNG of each process:
+                                 safetensors + JSON, never a pickle; see state.py)
                                + trainer_state.json (written last)
     out/final/                 the trained model, LoRA merged into plain weights
 
@@ -70,7 +71,8 @@ def resume_point(out: Path, resolved: dict, data_hashes: list[str]) -> tuple[int
     return found if found else (0, None)
 
 
-def write_checkpoint(accelerator, out: Path, step: int, save_model: Callable[[Path], None], state: dict) -> Path:
+def write_checkpoint(accelerator, out: Path, step: int, save_model: Callable[[Path], None],
+                     save_state: Callable[[Path], None], state: dict) -> Path:
     """Every process calls this; the main one writes the model, each one its part of the training state.
 
     `state` (step, tokens, losses) goes into trainer_state.json, written last: its presence marks completeness.
@@ -84,7 +86,7 @@ def write_checkpoint(accelerator, out: Path, step: int, save_model: Callable[[Pa
     accelerator.wait_for_everyone()
     save_model(tmp)  # on every process: gathering FSDP / ZeRO-3 shards needs them all; the main one writes
     accelerator.wait_for_everyone()
-    save_training_state(accelerator, tmp / "training_state")
+    save_training_state(save_state, tmp / "training_state")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -95,9 +97,9 @@ def write_checkpoint(accelerator, out: Path, step: int, save_model: Callable[[Pa
     return final
 
 
-def save_training_state(accelerator, path: Path) -> None:
+def save_training_state(save_state: Callable[[Path], None], path: Path) -> None:
     # a seam of its own so the tests can interrupt a checkpoint half-written
-    accelerator.save_state(str(path))
+    save_state(path)
 
 
 def clean_partials(out: Path) -> None:

@@ -67,39 +67,51 @@ class DpoSpec(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["align", "projector", "full", "safety-sft", "mixed", "dpo"]
-    model: str  # a vlsafe VLM directory (projector, full) or any LLM spec (align): preset, HF dir, hub id
-    data: list[DataSpec] = Field(min_length=1)
-    out: str  # a new directory, or the directory of an interrupted run of this same config (resumed)
+    """One training run. Every field's help text is its `description`: `vlsafe train --help` and the docs read it."""
 
-    lr: float = Field(gt=0)
-    batch_size: int = Field(gt=0)  # global: examples per optimizer step over all processes and accumulation
-    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step on each process
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # if set, wins over epochs (the data repeats, reshuffled per epoch)
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    schedule: Literal["cosine"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_length: int = Field(2048, gt=0)
-    seed: int = 0
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = mixed precision: fp32 master weights, bf16 compute
-    gradient_checkpointing: bool = False
+    stage: Literal["align", "projector", "full", "safety-sft", "mixed", "dpo"] = Field(
+        description="what is trained on what data with which loss (see vlsafe/train/stages.py)")
+    model: str = Field(description="a vlsafe VLM directory (projector, full, ...) or any LLM spec (align, dpo): "
+                                   "preset, HF directory, hub id")
+    data: list[DataSpec] = Field(min_length=1, description="training files (a path, or {path, format, role, ...})")
+    out: str = Field(description="a new directory, or the directory of an interrupted run of this config (resumed)")
 
-    save_every: int = Field(0, ge=0)  # steps between kept checkpoints (the safety-dynamics curve); 0 = final only
-    log_every: int = Field(1, gt=0)
-    num_workers: int = Field(0, ge=0)  # DataLoader workers that read images and tokenize
+    lr: float = Field(gt=0, description="peak learning rate (AdamW)")
+    batch_size: int = Field(gt=0, description="global: examples per optimizer step over all processes and "
+                                              "accumulation")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step on each process")
+    epochs: int = Field(1, gt=0, description="passes over the data (unless max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="if set, wins over epochs (the data repeats, reshuffled "
+                                                          "per epoch)")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of steps with linear warm-up")
+    schedule: Literal["cosine"] = Field("cosine", description="learning-rate schedule after warm-up")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (never on biases and norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = none")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    max_length: int = Field(2048, gt=0, description="tokens per example (image tokens included); longer is cut")
+    seed: int = Field(0, description="batch order, LoRA initialisation, dropout")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware has it, else fp32 (vlsafe/precision.py); bf16 and "
+                            "fp16 are mixed precision: fp32 master weights and optimizer state")
+    group_by_length: bool = Field(True, description="batches of records of similar length (less padding); which "
+                                                    "batch a step sees stays a function of seed and step")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
 
-    lora: LoraSpec | None = None
-    unfreeze_tower: bool = False
-    mix_ratio: float | None = Field(None, ge=0.0, le=1.0)  # stage `mixed`: share of safety examples in the mix
-    text_ratio: float | None = Field(None, ge=0.0, le=1.0)  # full / mixed: share of text-only in the task data
-    dpo: DpoSpec | None = None  # stage `dpo` (defaults when absent)
+    save_every: int = Field(0, ge=0, description="steps between kept checkpoints (the safety-dynamics curve); "
+                                                 "0 = final only")
+    log_every: int = Field(1, gt=0, description="steps between lines of log.jsonl")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers that read images and tokenize")
+
+    lora: LoraSpec | None = Field(None, description="LoRA on the LM instead of full fine-tuning")
+    unfreeze_tower: bool = Field(False, description="stage full / safety-sft / mixed / dpo: train the tower too")
+    mix_ratio: float | None = Field(None, ge=0.0, le=1.0, description="stage mixed: share of safety examples")
+    text_ratio: float | None = Field(None, ge=0.0, le=1.0, description="full / mixed: share of text-only "
+                                                                        "examples in the task data")
+    dpo: DpoSpec | None = Field(None, description="stage dpo settings (defaults when absent)")
 
     # written by the engine into out/config.yaml (data hashes, model hash, versions); ignored when read back, so
     # `vlsafe train out/config.yaml` reruns (or resumes) the same run
-    provenance: dict = Field(default_factory=dict)
+    provenance: dict = Field(default_factory=dict, description="written by the engine; ignored when read back")
 
     @field_validator("data", mode="before")
     @classmethod

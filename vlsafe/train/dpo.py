@@ -12,11 +12,13 @@ robust, ...) and its metrics (rewards/margins, rewards/accuracies) are TRL's, no
 TRL calls `model(..., labels=, fused_lm_head=True)` and reads per-token `log_probs` (and entropy, mean logits,
 top-1 hits for its metrics): `FusedView` answers that call from the model's logits with TRL's own
 `selective_log_softmax` / `entropy_from_logits`. Our VLM cannot take TRL's `add_fused_lm_head` patch (it needs a
-backbone returning hidden states, `base_model`, which the VLM does not expose). Logits are materialised, so
-memory grows with batch x length x vocabulary: use small micro-batches (grad_accum) at scale.
+backbone returning hidden states, `base_model`, which the VLM does not expose). Logits are materialised at the
+answer positions only (`logits_to_keep`), so memory grows with batch x answer length x vocabulary: use small
+micro-batches (grad_accum) at scale.
 
 Reference: the starting weights. Their log-probs are computed once in `setup`, before step 1, with the same
-function the policy uses, so no second model is held in memory (LoRA or full fine-tuning alike).
+function (and precision) the policy uses, so no second model is held in memory (LoRA or full fine-tuning alike).
+They are written to `out/reference_logps.json`, and a resumed run reads them back instead of recomputing.
 """
 
 from __future__ import annotations
@@ -78,16 +80,26 @@ class FusedView:
     def __call__(self, labels=None, fused_lm_head=True, **inputs):
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+        from vlsafe.train.stages import head_logits, label_positions
+
         inputs["use_cache"] = False
-        logits = self.model(**inputs).logits[:, :-1].float()
+        # logits at the answer positions only; TRL reads (rows, length - 1) tensors, zero where no label is
+        keep = label_positions(labels)
+        logits = head_logits(self.model, inputs, keep).float()
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
-        safe = targets.clamp(min=0)
-        log_probs = selective_log_softmax(logits, safe) * mask
+        kept_mask, safe = mask[:, keep], targets[:, keep].clamp(min=0)
+
+        def spread(values: torch.Tensor) -> torch.Tensor:
+            full = values.new_zeros(targets.shape)
+            full[:, keep] = values
+            return full
+
+        log_probs = spread(selective_log_softmax(logits, safe) * kept_mask)
         with torch.no_grad():  # metrics only
-            entropy = entropy_from_logits(logits.detach()) * mask
-            mean_logits = logits.detach().mean(-1) * mask
-            is_top1 = (logits.detach().argmax(-1) == safe) & mask
+            entropy = spread(entropy_from_logits(logits.detach()) * kept_mask)
+            mean_logits = spread(logits.detach().mean(-1) * kept_mask)
+            is_top1 = spread((logits.detach().argmax(-1) == safe) & kept_mask)
         return SimpleNamespace(log_probs=log_probs, entropy=entropy, mean_logits=mean_logits, is_top1=is_top1,
                                log_sum_sq_probs=None, aux_loss=None, label_mask=mask)
 
@@ -135,13 +147,9 @@ class TrlDpo:
         return loss, metrics
 
 
-_CONTEXT: dict = {}
-
-
-def loss(model, batch: dict, num_items: torch.Tensor):
+def loss(run, batch: dict, num_items: torch.Tensor):
     """TRL's mean loss over this micro-batch's pairs, reweighted to a share of the whole step's pairs."""
-    trl_dpo = _CONTEXT["trl"]
-    value, metrics = trl_dpo.loss(model, batch)
+    value, metrics = run.context.loss(run.model, batch)
     return value * count_pairs(batch) / num_items, metrics
 
 
@@ -171,13 +179,33 @@ def reference_logps(model, formatter, pairs: list[PreferencePair], batch_size: i
     return out
 
 
-def setup(accelerator, model, pairs: list[PreferencePair], formatter, config, micro_batch: int) -> list:
-    """Precomputes the reference log-probs (the starting model's) into each pair's meta; builds TRL's context."""
+REFERENCE_FILE = "reference_logps.json"
+
+
+def setup(run, pairs: list[PreferencePair]) -> tuple[list, TrlDpo]:
+    """Puts the reference log-probs (the starting model's) into each pair's meta; returns TRL's loss object.
+
+    Computed once, on the first start, and written to the run directory; a resumed run (same config and data:
+    `resume_point` checked that) reads them back. Every process computes all pairs, so no gather is needed.
+    """
+    import json
+
+    from vlsafe.io import write_json
     from vlsafe.train.config import DpoSpec
 
-    _CONTEXT["trl"] = TrlDpo(config.dpo or DpoSpec(), accelerator, model)
-    refs = reference_logps(model, formatter, pairs, max(micro_batch, 1), accelerator.device)
-    return [p.model_copy(update={"meta": {**p.meta, "ref_logps": list(ref)}}) for p, ref in zip(pairs, refs)]
+    accelerator, path = run.accelerator, run.out / REFERENCE_FILE
+    ids = [p.id for p in pairs]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("precision") == run.precision and saved.get("ids") == ids:
+        refs = saved["logps"]
+    else:
+        refs = reference_logps(run.model, run.formatter, pairs, max(run.plan.micro_batch, 1), accelerator.device)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(path, {"precision": run.precision, "ids": ids, "logps": [list(r) for r in refs]})
+        accelerator.wait_for_everyone()
+    pairs = [p.model_copy(update={"meta": {**p.meta, "ref_logps": list(ref)}}) for p, ref in zip(pairs, refs)]
+    return pairs, TrlDpo(run.config.dpo or DpoSpec(), accelerator, run.model)
 
 
 def preference_stats(bundle, pairs: list[PreferencePair], max_length: int = 2048, batch_size: int = 8) -> dict:

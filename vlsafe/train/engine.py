@@ -1,10 +1,15 @@
 """The one training loop, used by every stage: `train(config)` / `vlsafe train CONFIG.yaml [key=value ...]`.
 
-Read top to bottom: set up (stage, data, model, accelerator, run directory), train (accumulate, clip, step,
-log, checkpoint), save the final model. It runs unchanged as one CPU process, as several (gloo) and on GPUs under
+A `Run` is the recipe, read top to bottom: `setup` (stage, data, model, precision, accelerator, run directory,
+the stage's own set-up, resumed state), `train` (accumulate, clip, step, log, checkpoint), `save` (the final
+model), `cleanup`. It runs unchanged as one CPU process, as several (gloo) and on GPUs under
 DDP / FSDP / DeepSpeed, started by `accelerate launch --config_file configs/accelerate/<kind>.yaml -m vlsafe.cli
 train CONFIG.yaml`. Everything that decides the numbers is a function of the config and the step, so a resumed
 run continues exactly where the interrupted one stood (tested to 1e-6, in practice bit for bit).
+
+Speed: `dtype: auto` trains in bf16 mixed precision where the hardware has bf16 (fp32 master weights and optimizer
+state), the LM head runs only where a label is (stages.label_only_loss), and batches hold records of similar
+length (batches.py).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 from vlsafe.errors import VlsafeError
 from vlsafe.model.chat import IGNORE_INDEX
 from vlsafe.train import stages
-from vlsafe.train.batches import BatchPlan, EncodedRecords, micro_batch_loader
+from vlsafe.train import state as training_state
+from vlsafe.train.batches import BatchPlan, EncodedRecords, micro_batch_loader, record_length
 from vlsafe.train.checkpoints import RunLog, clean_partials, resume_point, write_checkpoint
 from vlsafe.train.config import TrainConfig
 
@@ -37,9 +43,9 @@ def load_data(config: TrainConfig, stage: stages.Stage) -> tuple[list, list[dict
         if not path.exists():
             raise VlsafeError(f"{path}: data file not found")
         loaded = formats.loader(spec.format)(path, image_root=spec.image_root, skip_bad=spec.skip_bad)
-        if loaded and type(loaded[0]).__name__ != stage.record_type:
+        if loaded and not isinstance(loaded[0], stage.record_type):
             raise VlsafeError(f"{path}: format {spec.format!r} holds {type(loaded[0]).__name__} records; stage "
-                              f"{stage.name!r} trains on {stage.record_type} records")
+                              f"{stage.name!r} trains on {stage.record_type.__name__} records")
         if stage.needs_vlm is False and any(r.image for r in loaded):
             raise VlsafeError(f"{path}: stage {stage.name!r} is text-only, but some records have images")
         skipped = list(getattr(loaded, "skipped", []))
@@ -72,17 +78,22 @@ def _data_hash(path: Path) -> str:
 
 
 def make_accelerator(config: TrainConfig, micro_batch_of):
+    """(accelerator, precision): the precision `config.dtype` resolves to on the device this process trains on."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
+
+    from vlsafe import precision as precisions
 
     # several processes on a machine without GPUs: accelerate picks gloo only when told it is on CPU, and
     # `accelerate launch --cpu` starts a single process unless mpirun is configured, so the processes come from
     # the multi-GPU (torchrun) launcher (configs/accelerate/cpu_2proc.yaml) and the CPU is chosen here
     on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    # the scheduler is stepped by hand once per optimizer step: accelerate's default would step it once per
+    precision = precisions.resolve(config.dtype, precisions.device_type(on_cpu))
+    # mixed precision: accelerate runs the forward under autocast; weights and optimizer state stay fp32.
+    # The scheduler is stepped by hand once per optimizer step: accelerate's default would step it once per
     # process per step, which assumes a per-process batch size (ours is global)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
-                              mixed_precision="bf16" if config.dtype == "bf16" else "no",
+                              mixed_precision="no" if precision == "fp32" else precision,
                               step_scheduler_with_optimizer=False, cpu=on_cpu)
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise VlsafeError(f"the accelerate config sets gradient_accumulation_steps="
@@ -97,7 +108,7 @@ def make_accelerator(config: TrainConfig, micro_batch_of):
         # no dataloader goes through prepare(), so DeepSpeed cannot infer its micro-batch: tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_of(
             accelerator.num_processes)
-    return accelerator
+    return accelerator, precision
 
 
 def make_optimizer(model, config: TrainConfig, total_steps: int):
@@ -142,50 +153,210 @@ def save_model(accelerator, model, bundle, path: Path, provenance: dict, final: 
         checkpoint.save(weights, path, provenance=provenance, overwrite=not final)
 
 
-# -------------------------------------------------------------------------------------------------------- train
-def train(config: TrainConfig, show_progress: bool = True) -> dict:
-    """Runs (or resumes) the training `config` describes; returns a summary. Bad input raises before `out` exists."""
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
+# ---------------------------------------------------------------------------------------------------------- run
+class Run:
+    """One training run and everything it holds; `train(config)` drives it: setup, train, save, cleanup."""
 
-    from vlsafe.io import versions
-    from vlsafe.model import checkpoint
+    def __init__(self, config: TrainConfig, show_progress: bool = True):
+        self.config, self.show_progress = config, show_progress
+        self.out = Path(config.out)
+        self.stage = stages.get_stage(config.stage)
+        self.accelerator = None
+        self.context = None  # what the stage's setup made for its loss (DPO: TRL's loss object)
+        self.start, self.state = 0, {"tokens": 0, "seconds": 0.0, "losses": []}
 
-    stage = stages.get_stage(config.stage)
-    records, data_info = load_data(config, stage)
-    bundle = checkpoint.load(config.model)
-    stages.check_model(stage, bundle, config.model)
-    out = Path(config.out)
-    try:
-        accelerator = make_accelerator(config, lambda world: config.batch_size // (config.grad_accum * world))
-        plan = BatchPlan(len(records), config.batch_size, config.grad_accum, accelerator.num_processes, config.seed)
-        total = plan.total_steps(config.epochs, config.max_steps)
-        if total < 1:
+    # ---------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Everything before step 1. Bad input raises before `out` is created (or touched, on a resume)."""
+        from accelerate.utils import set_seed
+
+        from vlsafe.io import versions
+        from vlsafe.model import checkpoint
+
+        config, stage = self.config, self.stage
+        records, data_info = load_data(config, stage)
+        self.bundle = checkpoint.load(config.model)
+        stages.check_model(stage, self.bundle, config.model)
+        self.formatter = self.bundle.formatter(config.max_length)
+        self.cleanup()  # an Accelerator made earlier in this process (a Trainer's) would pin its precision
+        self.accelerator, self.precision = make_accelerator(
+            config, lambda world: config.batch_size // (config.grad_accum * world))
+        image_tokens = getattr(self.bundle.model.config, "num_image_tokens", 0)
+        lengths = tuple(record_length(r, image_tokens) for r in records) if config.group_by_length else None
+        self.plan = BatchPlan(len(records), config.batch_size, config.grad_accum, self.accelerator.num_processes,
+                              config.seed, lengths)
+        self.total = self.plan.total_steps(config.epochs, config.max_steps)
+        if self.total < 1:
             raise VlsafeError(f"{len(records)} records make no full batch of {config.batch_size}")
-        resume = resume_point(out, config.resolved(), [d["sha256"] for d in data_info])
+        resume = resume_point(self.out, config.resolved(), [d["sha256"] for d in data_info])
         set_seed(config.seed)  # LoRA's initialisation and dropout draw from it
-        model = stages.prepare_model(bundle.model, stage, config)
-        optimizer, scheduler, warmup = make_optimizer(model, config, total)
-        provenance = {"data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
-                      "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                      "micro_batch": plan.micro_batch, "steps": total, "warmup_steps": warmup,
-                      "steps_per_epoch": plan.steps_per_epoch, **stages.describe_trainable(model),
-                      "versions": versions()}
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        model = stages.prepare_model(self.bundle.model, stage, config)
+        optimizer, scheduler, warmup = make_optimizer(model, config, self.total)
+        self.provenance = {
+            "data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
+            "precision": self.precision, "processes": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type), "micro_batch": self.plan.micro_batch,
+            "steps": self.total, "warmup_steps": warmup, "steps_per_epoch": self.plan.steps_per_epoch,
+            **stages.describe_trainable(model), "versions": versions()}
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self._open_run_dir(resume)
+        self.records = records
         if stage.setup is not None:
             # before any state is restored: on a resumed run too, what setup computes (DPO's reference
             # log-probs) comes from the starting weights, which is what the reference is
-            records = stage.setup(accelerator, model, records, bundle.formatter(config.max_length), config,
-                                  plan.micro_batch)
-        start, state = _start(accelerator, out, config, provenance, resume)
-        summary = _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle, records, out,
-                        start, total, state, provenance, show_progress)
-    finally:
+            self.records, self.context = stage.setup(self, records)
+        if resume is not None and resume[1] is not None:
+            self._restore(*resume)
+
+    def _open_run_dir(self, resume) -> None:
+        """Creates the run directory (config.yaml), or cleans an interrupted one for its resume."""
+        from vlsafe.config import dump_config
+
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()  # every process has checked `out` before the main one creates it
+        if accelerator.is_main_process:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            clean_partials(self.out)
+            if resume is None or resume[1] is None:
+                tmp = self.out / ".config.yaml.tmp"
+                tmp.write_text(dump_config(self.config.model_copy(update={"provenance": self.provenance})))
+                tmp.replace(self.out / "config.yaml")
+        accelerator.wait_for_everyone()
+
+    def _restore(self, step: int, path: Path) -> None:
+        import json
+
+        training_state.load(self.accelerator, self.model, self.optimizer, self.scheduler, path / "training_state")
+        self.start, self.state = step, json.loads((path / "trainer_state.json").read_text())
+        if self.accelerator.is_main_process:
+            print(f"resuming {self.out} from step {step} ({path})", file=sys.stderr)
+
+    # ---------------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        """Steps `start` .. `total`: each is grad_accum micro-batches, a clipped optimizer step, a log line."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        config, stage, accelerator = self.config, self.stage, self.accelerator
+        loader = micro_batch_loader(EncodedRecords(self.records, self.formatter, stage.encode, stage.collate),
+                                    self.plan, accelerator.process_index, self.start, self.total, config.num_workers)
+        batches = iter(loader)
+        count = stage.count or _target_tokens
+        self.log = RunLog(self.out, self.start, accelerator.is_main_process)
+        bar = Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                       disable=not (self.show_progress and accelerator.is_main_process))
+        task = bar.add_task("train", total=self.total, completed=self.start, info="")
+        # no model.train() here: prepare_model left the frozen parts in eval mode (no dropout) on purpose
+        with bar:
+            for step in range(self.start, self.total):
+                began = time.perf_counter()
+                micro = [next(batches) for _ in range(config.grad_accum)]
+                # target tokens (after the causal shift) and input tokens of the whole step, over all processes
+                counts = torch.tensor([sum(count(b) for b in micro),
+                                       sum(int(b["attention_mask"].sum()) for b in micro)], device=accelerator.device)
+                counts = accelerator.reduce(counts, reduction="sum")
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm, metrics = self._step(micro, counts[0].clamp(min=1))
+                seconds = time.perf_counter() - began
+                self.state["tokens"] += int(counts[1])
+                self.state["seconds"] += seconds
+                self.state["losses"].append(loss)
+                done = step + 1
+                if done % config.log_every == 0 or done == self.total:
+                    self.log.write({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss,
+                                    "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                    "tokens": int(counts[1]), "target_tokens": int(counts[0]),
+                                    "tokens_per_s": round(int(counts[1]) / seconds, 1), **metrics})
+                bar.update(task, completed=done, info=f"loss {loss:.4f}  lr {lr:.2e}")
+                if config.save_every and done % config.save_every == 0:
+                    self.save_checkpoint(done)
+        self.log.close()
+
+    def _step(self, micro: list[dict], num_items: torch.Tensor) -> tuple[float, object, dict]:
+        """One optimizer step over this process's micro-batches: (loss over all processes, grad norm, metrics)."""
+        accelerator, config = self.accelerator, self.config
+        step_loss = torch.zeros((), device=accelerator.device)
+        metrics: dict[str, float] = {}
+        grad_norm = None
+        for batch in micro:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(self.model):
+                loss = self.stage.loss(self, batch, num_items)
+                if isinstance(loss, tuple):  # (loss, metrics): a mean over the step's micro-batches
+                    loss, extra = loss
+                    for key, value in extra.items():
+                        metrics[key] = metrics.get(key, 0.0) + value / config.grad_accum
+                # backward divides by grad_accum and DDP averages over processes: undo both, so the gradient
+                # is the mean over every target token of the global batch, as on one process without
+                # accumulation (DeepSpeed scales the same way in its own backward)
+                accelerator.backward(loss * config.grad_accum * accelerator.num_processes)
+                step_loss += loss.detach()
+                if accelerator.sync_gradients:
+                    if config.max_grad_norm is not None:
+                        params = [p for p in self.model.parameters() if p.requires_grad]
+                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        if metrics:  # the mean over processes
+            values = accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean")
+            metrics = {k: round(float(v), 6) for k, v in zip(metrics, values)}
+        return float(accelerator.reduce(step_loss, reduction="sum")), grad_norm, metrics
+
+    # ----------------------------------------------------------------------------------------------------- save
+    def _provenance(self, **extra) -> dict:
+        """What every saved model of this run records: stage, config, precision, parent model, data."""
+        return {"command": "train", "stage": self.config.stage, "config": self.config.resolved(),
+                "precision": self.precision, **extra, "parent": self.provenance["model"],
+                "data": self.provenance["data"]}
+
+    def save_checkpoint(self, step: int) -> None:
+        """checkpoints/step-N: the model (evaluable) and the training state a resume continues from."""
+        snapshot = self._provenance(step=step)
+        write_checkpoint(self.accelerator, self.out, step,
+                         lambda path: save_model(self.accelerator, self.model, self.bundle, path, snapshot,
+                                                 final=False),
+                         lambda path: training_state.save(self.accelerator, self.model, self.optimizer,
+                                                          self.scheduler, path),
+                         {"step": step, **self.state})
+
+    def save(self) -> None:
+        """out/final: the trained model (LoRA merged)."""
+        self.accelerator.wait_for_everyone()
+        save_model(self.accelerator, self.model, self.bundle, self.out / "final", self._provenance(steps=self.total),
+                   final=True)
+        self.accelerator.wait_for_everyone()
+
+    def summary(self) -> dict:
+        losses = self.state["losses"]
+        return {"is_main": self.accelerator.is_main_process, "out": str(self.out), "final": str(self.out / "final"),
+                "stage": self.config.stage, "steps": self.total, "precision": self.precision,
+                "resumed_from": self.start, "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None, "tokens": self.state["tokens"],
+                "tokens_per_s": round(self.state["tokens"] / max(self.state["seconds"], 1e-9), 1)}
+
+    # -------------------------------------------------------------------------------------------------- cleanup
+    @staticmethod
+    def cleanup() -> None:
         # the Accelerator is a process-wide singleton; a later train() in this process (stage 2 after stage 1)
         # may need other settings. The process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return summary
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict:
+    """Runs (or resumes) the training `config` describes; returns a summary. Bad input raises before `out` exists."""
+    run = Run(config, show_progress)
+    try:
+        run.setup()
+        run.train()
+        run.save()
+        return run.summary()
+    finally:
+        run.cleanup()
 
 
 def _model_hash(spec: str) -> str | None:
@@ -197,119 +368,6 @@ def _model_hash(spec: str) -> str | None:
         return None
 
 
-def _start(accelerator, out: Path, config: TrainConfig, provenance: dict, resume) -> tuple[int, dict]:
-    """Creates the run directory, or restores the training state of the last complete checkpoint."""
-    import json
-
-    from vlsafe.config import dump_config
-
-    accelerator.wait_for_everyone()  # every process has checked `out` before the main one creates it
-    if accelerator.is_main_process:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        clean_partials(out)
-        if resume is None or resume[1] is None:
-            tmp = out / ".config.yaml.tmp"
-            tmp.write_text(dump_config(config.model_copy(update={"provenance": provenance})))
-            tmp.replace(out / "config.yaml")
-    accelerator.wait_for_everyone()
-    if resume is None or resume[1] is None:
-        return 0, {"tokens": 0, "seconds": 0.0, "losses": []}
-    step, path = resume
-    accelerator.load_state(str(path / "training_state"))
-    state = json.loads((path / "trainer_state.json").read_text())
-    if accelerator.is_main_process:
-        print(f"resuming {out} from step {step} ({path})", file=sys.stderr)
-    return step, state
-
-
-def _loop(accelerator, model, optimizer, scheduler, stage, config, plan, bundle, records, out, start, total,
-          state, provenance, show_progress) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    formatter = bundle.formatter(config.max_length)
-    loader = micro_batch_loader(EncodedRecords(records, formatter, stage.encode, stage.collate), plan,
-                                accelerator.process_index, start, total, config.num_workers)
-    count = stage.count or _target_tokens
-    batches = iter(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log = RunLog(out, start, accelerator.is_main_process)
-    bar = Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), console=Console(stderr=True),
-                   disable=not (show_progress and accelerator.is_main_process))
-    task = bar.add_task("train", total=total, completed=start, info="")
-    # no model.train() here: prepare_model left the frozen parts in eval mode (no dropout) on purpose
-    losses: list[float] = state["losses"]
-    with bar:
-        for step in range(start, total):
-            began = time.perf_counter()
-            micro = [next(batches) for _ in range(config.grad_accum)]
-            # target tokens (after the causal shift) and input tokens of the whole step, over all processes
-            counts = torch.tensor([sum(count(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
-                                  device=accelerator.device)
-            counts = accelerator.reduce(counts, reduction="sum")
-            num_items = counts[0].clamp(min=1)
-            lr = scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), device=accelerator.device)
-            metrics: dict[str, float] = {}
-            grad_norm = None
-            for batch in micro:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.accumulate(model):
-                    loss = stage.loss(model, batch, num_items)
-                    if isinstance(loss, tuple):  # (loss, metrics): a mean over the step's micro-batches
-                        loss, extra = loss
-                        for key, value in extra.items():
-                            metrics[key] = metrics.get(key, 0.0) + value / config.grad_accum
-                    # backward divides by grad_accum and DDP averages over processes: undo both, so the gradient
-                    # is the mean over every target token of the global batch, as on one process without
-                    # accumulation (DeepSpeed scales the same way in its own backward)
-                    accelerator.backward(loss * config.grad_accum * accelerator.num_processes)
-                    step_loss += loss.detach()
-                    if accelerator.sync_gradients:
-                        if config.max_grad_norm is not None:
-                            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-            step_loss = float(accelerator.reduce(step_loss, reduction="sum"))
-            if metrics:  # the mean over processes
-                values = accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean")
-                metrics = {k: round(float(v), 6) for k, v in zip(metrics, values)}
-            seconds = time.perf_counter() - began
-            state["tokens"] += int(counts[1])
-            state["seconds"] += seconds
-            losses.append(step_loss)
-            done = step + 1
-            if done % config.log_every == 0 or done == total:
-                log.write({"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": step_loss, "lr": lr,
-                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                           "tokens": int(counts[1]), "target_tokens": int(counts[0]),
-                           "tokens_per_s": round(int(counts[1]) / seconds, 1), **metrics})
-            bar.update(task, completed=done, info=f"loss {step_loss:.4f}  lr {lr:.2e}")
-            if config.save_every and done % config.save_every == 0:
-                _checkpoint(accelerator, model, bundle, out, done, config, provenance, state)
-    log.close()
-    accelerator.wait_for_everyone()
-    final_provenance = {"command": "train", "stage": config.stage, "config": config.resolved(), "steps": total,
-                        "parent": provenance["model"], "data": provenance["data"]}
-    save_model(accelerator, model, bundle, out / "final", final_provenance, final=True)
-    accelerator.wait_for_everyone()
-    return {"is_main": accelerator.is_main_process, "out": str(out), "final": str(out / "final"),
-            "stage": config.stage, "steps": total,
-            "resumed_from": start, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "tokens": state["tokens"],
-            "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1)}
-
-
 def _target_tokens(batch: dict) -> int:
     """Target tokens after the causal shift: what the SFT loss of a micro-batch sums over."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _checkpoint(accelerator, model, bundle, out, step, config, provenance, state) -> None:
-    snapshot = {"command": "train", "stage": config.stage, "config": config.resolved(), "step": step,
-                "parent": provenance["model"], "data": provenance["data"]}
-    write_checkpoint(accelerator, out, step,
-                     lambda path: save_model(accelerator, model, bundle, path, snapshot, final=False),
-                     {"step": step, **state})

@@ -11,6 +11,7 @@
                             mixed in at `mix_ratio`
     dpo        VLM or LLM   as `full` (the LM alone for a text LLM)         TRL's DPO loss on preference pairs,
                                                                             reference log-probs precomputed
+                                                                            once (and kept for a resume)
 
 A stage may also say which records it reads, how it selects them from the data files (mixing), how it encodes
 and collates them, what counts as one item of the loss (target tokens; pairs for DPO), and what it computes once
@@ -22,13 +23,16 @@ before step 1 (DPO's reference log-probs). The defaults are those of supervised 
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from vlsafe.data.records import Conversation, PreferencePair
 from vlsafe.errors import VlsafeError
+from vlsafe.model.chat import IGNORE_INDEX
 from vlsafe.train.config import TrainConfig
 
 
@@ -38,25 +42,59 @@ class Stage:
     needs_vlm: bool | None  # True: a vlsafe VLM directory; False: a text-only LLM; None: either
     trainable: tuple[str, ...]  # parameter-name prefixes trained in full ("" = everything)
     lora_allowed: bool
-    loss: Callable  # (model, batch, num_items) -> scalar loss (the sum over this batch / num_items), or
-    #                 (loss, {metric: value}) for metrics the log should carry
-    record_type: str = "Conversation"  # or "PreferencePair"
+    loss: Callable  # (run, batch, num_items) -> scalar loss (the sum over this batch / num_items), or
+    #                 (loss, {metric: value}) for metrics the log should carry; run.model is the model to call
+    record_type: type = Conversation  # the record class its data files must hold
     select: Callable | None = None  # (config, [records of each data file], [DataSpec]) -> (records, info)
     encode: Callable | None = None  # (formatter, record) -> encoded item; default: encode_conversation
     collate: Callable | None = None  # (formatter, [items]) -> batch dict; default: formatter.collate(right)
     count: Callable | None = None  # (batch) -> loss items in it; default: target tokens after the shift
-    setup: Callable | None = None  # (accelerator, model, records, formatter, config, micro_batch) -> records
+    setup: Callable | None = None  # (run, records) -> (records, context for the loss: run.context)
 
 
-def sft_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
-    """The model's own causal-LM loss over the assistant-only labels the chat formatter set.
+def sft_loss(run, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy over the assistant-only labels the chat formatter set, as the model's own loss.
 
     `num_items` is the number of target tokens in the whole optimizer step (every micro-batch on every process):
     the loss is a sum over this micro-batch divided by it, so each target token weighs the same however the
     global batch is split into micro-batches and processes (a mean per micro-batch would weigh a token of a short
     answer more than one of a long answer, and change with grad_accum).
     """
-    return model(**batch, num_items_in_batch=num_items).loss
+    return label_only_loss(run.model, batch, num_items)
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a target in some row: the only ones that need logits (images, prompts and
+    padding need none, and the LM head over a 49K vocabulary costs as much as several layers)."""
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    # never empty: a micro-batch without targets still runs the graph (DDP expects every step to), loss 0
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
+
+
+def head_logits(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions `keep` only, through transformers' `logits_to_keep` where the (language) model takes
+    it, else sliced from the full head (an LLM whose remote code predates it)."""
+    if takes_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, keep]
+
+
+def takes_logits_to_keep(model) -> bool:
+    inner = plain_model(getattr(model, "module", model))  # DDP's wrapper, then PEFT's
+    inner = getattr(inner, "language_model", inner)  # a VLM passes it on to its LM
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def label_only_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+    """The sum of the shifted cross-entropy over target tokens / num_items, with the LM head applied only at
+    `label_positions`: the loss (and gradient) of the full head, without its cost where no label is."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    keep = label_positions(batch["labels"])
+    logits = head_logits(model, {**inputs, "use_cache": False}, keep)
+    targets = batch["labels"][:, 1:][:, keep]
+    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / num_items
 
 
 def _stages() -> dict[str, Stage]:
@@ -75,7 +113,7 @@ def _stages() -> dict[str, Stage]:
                        select=safety_data.select_mixed),
         # "" trains a text LLM whole; on a VLM, `trainable_prefixes` narrows it to the projector and the LM
         "dpo": Stage("dpo", needs_vlm=None, trainable=vlm_full, lora_allowed=True, loss=dpo.loss,
-                     record_type="PreferencePair", encode=dpo.encode, collate=dpo.collate, count=dpo.count_pairs,
+                     record_type=PreferencePair, encode=dpo.encode, collate=dpo.collate, count=dpo.count_pairs,
                      setup=dpo.setup),
     }
 

@@ -1,0 +1,56 @@
+"""The machine's limit, measured in the same run as the benchmark it judges: matmul peak and model FLOPs.
+
+MFU (model FLOP utilisation) = tokens/s x model FLOPs per token / the measured bf16 matmul peak, the convention of
+the PaLM paper: model FLOPs are what the model mathematically needs, whatever the implementation skips or redoes,
+so MFU compares implementations fairly. FLOPs per token count the language model's matrices (every parameter
+but the input embedding table, the LM head included) and leave out attention's own T^2 term and the vision
+tower: at the lengths benchmarked here that understates the work by a few percent, so MFU is a lower bound.
+
+    training      6 x N per input token (forward 2N, backward 4N)
+    generation    2 x N per new token (the prompt pass is not counted: a lower bound again)
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
+    """FLOP/s of square `size` matmuls in `dtype`, the best of repeated timings over about `seconds`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # first call: allocation and kernel choice
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        started = time.perf_counter()
+        a @ b
+        sync()
+        elapsed = time.perf_counter() - started
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * size ** 3 / best
+
+
+def peaks(size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict:
+    """{"fp32_flops": ..., "bf16_flops": ...}: both measured now, on this machine, with its current threads."""
+    return {"matmul_size": size, "fp32_flops": round(matmul_peak(torch.float32, size, seconds, device)),
+            "bf16_flops": round(matmul_peak(torch.bfloat16, size, seconds, device))}
+
+
+def model_params(model) -> int:
+    """Parameters a token's computation passes through in the language model: all but the input embeddings
+    (the LM head counts, tied or not); a VLM's tower and projector are left out."""
+    language_model = getattr(model, "language_model", model)
+    embedding = language_model.get_input_embeddings().weight
+    head = language_model.get_output_embeddings()
+    total = sum(p.numel() for p in language_model.parameters()) - embedding.numel()
+    if head is not None and head.weight is embedding:  # tied: the head's matrix is still a matmul per token
+        total += embedding.numel()
+    return total
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    return round(tokens_per_s * flops_per_token / peak_flops, 4)
