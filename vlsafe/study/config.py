@@ -69,6 +69,7 @@ class EvalSpec(Strict):
     suite: str = "study"  # a packaged suite name or a suite .yaml
     n_harmful: int | None = None  # items per harmful benchmark (None: the suite's)
     n_benign: int | None = None  # items per over-refusal / helpfulness benchmark (None: the suite's)
+    n_heldout: int | None = None  # held-out image questions of the corpus (None: the suite's)
     max_new_tokens: int | None = None
     judges: list[str] | None = None  # None: the suite's; the first judge decides the claims
     batch_size: int = Field(16, gt=0)

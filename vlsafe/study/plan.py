@@ -90,8 +90,9 @@ def suite_for(config: StudyConfig, where: str) -> tuple[str, dict]:
     suite = spec.model_dump()
     for entry in suite["entries"]:
         registered = BENCHMARKS.get(entry["benchmark"])
-        if registered is None:
-            continue  # heldout (the corpus's image questions): the suite's own size
+        if registered is None:  # heldout: the corpus's image questions
+            entry["sample"] = config.eval.n_heldout or entry["sample"]
+            continue
         n = config.eval.n_harmful if registered.metric == "attack_success_rate" else config.eval.n_benign
         entry["sample"] = entry["sample"] if n is None else n
     suite["description"] += f" [as run by the study {config.name!r}]"
