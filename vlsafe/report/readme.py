@@ -75,7 +75,10 @@ def update_readme(readme: str | Path, results_dir: str | Path) -> str:
 def numbers_in_tables(markdown: str) -> list[str]:
     """Every number in the markdown table rows of the results block."""
     block = markdown.split(BEGIN, 1)[1].split(END, 1)[0] if BEGIN in markdown else ""
-    rows = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    lines = block.splitlines()
+    # table body rows only: a header row (the line above a |---| separator) names columns, e.g. "95% CI"
+    rows = [line for i, line in enumerate(lines) if line.startswith("|") and not line.startswith("|---")
+            and not (i + 1 < len(lines) and lines[i + 1].startswith("|---"))]
     return [n for row in rows for n in re.findall(r"-?\d+(?:\.\d+)?", row)]
 
 
