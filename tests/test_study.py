@@ -254,3 +254,18 @@ def test_item_outcomes_use_the_three_way_verdict_when_present():
     found = claims.item_outcomes(rows, "j")
     assert found["harmbench", "text", "1"]["attack"] is False and found["harmbench", "text", "1"]["non_answer"]
     assert found["harmbench", "text", "2"]["attack"] is True
+
+
+def test_analysis_switch_adds_the_layer_analysis_and_the_merges_it_proposes(tmp_path):
+    from vlsafe.study.config import load_study
+    from vlsafe.study.plan import build_plan
+
+    config, _ = load_study(_config(tmp_path, "analysis", analysis=True))
+    plan = build_plan(config)
+    analysis = plan.dag.stages["analysis"]
+    assert analysis.config["names"] == ["vlm1", "adapted", "sft", "dpo"]
+    assert analysis.config["pairs"] == [["adapted-vlm1", "sft-adapted"], ["adapted-vlm1", "dpo-adapted"]]
+    for builder in ("safety_layers", "gated", "resta", "expo"):
+        assert "analysis" in plan.dag.stages[f"merge-{builder}-s0"].inputs
+        assert f"eval-merge-{builder}-s0" in plan.dag.stages
+    assert plan.dag.order()  # no cycle, every input defined

@@ -180,11 +180,14 @@ def f3(analysis: dict | None, concentration: float = 1.5) -> dict:
         return _claim("F3", "inconclusive", "no layer analysis (switch `analysis: true` on in the profile)")
     rows = [r for r in analysis.get("weights", []) if r.get("layer") is not None
             and str(r.get("model", "")).startswith("adapted")]
+    if any(r.get("module") == "*" for r in rows):  # a whole-layer row sums its modules: use those alone
+        rows = [r for r in rows if r.get("module") == "*"]
     per_layer: dict[int, float] = {}
     for r in rows:
         per_layer[int(r["layer"])] = per_layer.get(int(r["layer"]), 0.0) + float(r.get("relative_change") or 0)
-    cosines = [r for key in ("task_vectors", "pairs", "weights") for r in analysis.get(key, []) or []
-               if isinstance(r, dict) and r.get("cosine") is not None]
+    vectors = [r for r in analysis.get("task_vectors", []) or [] if r.get("cosine") is not None]
+    # the whole-model row of the first pair (adaptation update vs safety update); per-layer rows otherwise
+    cosines = sorted(vectors, key=lambda r: r.get("layer") is not None)
     if not per_layer or not cosines:
         return _claim("F3", "inconclusive", "the layer analysis has no per-layer change of the adapted model or no "
                                             "task-vector cosine")

@@ -303,15 +303,46 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
                       command=f"vlsafe eval --model {model['ref']} --suite stages/suite/suite.yaml --out "
                               f"stages/eval-{model_name}/eval --corpus stages/corpus/corpus"))
     if config.analysis:
-        targets = [m for m in (f"adapted-s{first}", f"safety_sft-s{first}", f"dpo-s{first}") if m in plan.models]
-        dag.add(Stage("analysis", "analysis",
-                      {"base": ref("stage1", "model"), "models": [plan.models[m]["ref"] for m in targets],
-                       "names": targets, "adapted": plan.models[f"adapted-s{first}"]["ref"],
-                       "conditions": ["text", "typo"]},
-                      inputs=["stage1", *(plan.models[m]["stage"] for m in targets)], cost_s=c.fixed_s * 20,
-                      command="vlsafe analyze weights --base stages/stage1/run/final --models ... --out "
-                              "stages/analysis/weights"))
+        _add_analysis(plan, config, corpus, aligned, first)
     return plan
+
+
+def _add_analysis(plan: Plan, config: StudyConfig, corpus: str, aligned: str, seed: int) -> None:
+    """The layer analysis of the first seed's models, the merges it proposes, and their evaluations."""
+    dag, c = plan.dag, config.cost
+    chain = [("vlm1", "vlm1"), ("adapted", f"adapted-s{seed}"), ("sft", f"safety_sft-s{seed}"),
+             ("dpo", f"dpo-s{seed}")]
+    chain = [(short, name) for short, name in chain if name in plan.models]
+    names = [short for short, _ in chain]
+    pairs = [["adapted-vlm1", f"{short}-adapted"] for short in names[2:]]
+    dag.add(Stage("analysis", "analysis",
+                  {"models": [plan.models[name]["ref"] for _, name in chain], "names": names, "pairs": pairs,
+                   "adapted": plan.models[f"adapted-s{seed}"]["ref"], "aligned": plan.models["aligned"]["ref"],
+                   "corpus": corpus, "conditions": ["text", "typo"]},
+                  inputs=[plan.models[name]["stage"] for _, name in chain] + ["corpus"] + (
+                      ["align"] if config.aligns() else []),
+                  cost_s=c.fixed_s * 20, command="vlsafe analyze weights --base stages/stage1/run/final --models ... "
+                                                 "--out stages/analysis/weights; vlsafe analyze activations ..."))
+    adapted = ref(f"stage2-s{seed}", "model")
+    proposals = {"safety_layers": {"adapted": adapted, "aligned": ref("vlm0", "model")}}
+    if len(pairs):
+        proposals["gated"] = {"adapted": adapted, "safer": plan.models[chain[2][1]]["ref"]}
+    if config.aligns():
+        proposals["resta"] = {"adapted": adapted, "aligned": aligned, "unaligned": config.llm}
+    if f"safety_sft-s{seed}" in plan.models:
+        proposals["expo"] = {"sft": plan.models[f"safety_sft-s{seed}"]["ref"], "parent": adapted}
+    for builder, args in proposals.items():
+        name = f"merge-{builder}-s{seed}"
+        inputs = sorted({"analysis", *(a[1:].split(":")[0] for a in args.values() if a.startswith("@"))})
+        dag.add(Stage(name, "analysis-merge", {"builder": builder, "args": args}, inputs=inputs, cost_s=c.merge_s,
+                      command=f"vlsafe merge stages/{name}/merge.yaml --out stages/{name}/model"))
+        plan.models[name] = {"stage": name, "ref": ref(name, "model"), "role": f"merge: {builder} (from the layer "
+                             "analysis)", "seed": seed, "method": builder}
+        dag.add(Stage(f"eval-{name}", "eval", {"model": ref(name, "model"), "suite": ref("suite", "suite"),
+                                               "corpus": corpus, "judges": config.eval.judges,
+                                               "batch_size": config.eval.batch_size},
+                      inputs=[name, "suite", "corpus"], cost_s=plan.dag.stages[f"eval-adapted-s{seed}"].cost_s,
+                      command=f"vlsafe eval --model stages/{name}/model --suite stages/suite/suite.yaml"))
 
 
 def _merge_config(method: str, adapted: str, partner: str, ancestor: str, weight: float, density: float,

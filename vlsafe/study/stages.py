@@ -194,30 +194,54 @@ def run_legibility(ctx: Context, config: dict, folder: Path) -> dict:
 
 
 def run_analysis(ctx: Context, config: dict, folder: Path) -> dict:
-    """The layer analysis of `vlsafe.analysis` (imported only when a study switches it on)."""
+    """The layer analysis of `vlsafe.analysis` (imported only when a study switches it on): weight changes and
+    task-vector cosines over VLM@1 -> adapted -> safety-tuned, and the adapted VLM's activation safety layers."""
     from vlsafe.analysis import activations, weights
-
-    base = ctx.resolve(config["base"])
-    models = [ctx.resolve(m) for m in config["models"]]
-    weights.analyze(base, models, folder / "weights", names=config["names"], pairs=config.get("pairs"))
-    activations.analyze(ctx.resolve(config["adapted"]), folder / "activations", reference=base,
-                        conditions=tuple(config.get("conditions", ("text",))))
-    merged = {}
-    for part in ("weights", "activations"):
-        found = folder / part / "analysis.json"
-        if found.is_file():
-            merged.update(json.loads(found.read_text()))
     from vlsafe.io import write_json
 
+    names = config["names"]  # the base first
+    paths = [ctx.resolve(m) for m in config["models"]]
+    weights.analyze(paths[0], paths[1:], folder / "weights", names=names, pairs=config["pairs"], progress=False)
+    activations.analyze(ctx.resolve(config["adapted"]), folder / "activations", reference=ctx.resolve(config["aligned"]),
+                        conditions=tuple(config["conditions"]), corpus=ctx.resolve(config["corpus"]), progress=False)
+    merged = {}
+    for part in ("weights", "activations"):
+        merged.update(json.loads((folder / part / "analysis.json").read_text()))
     write_json(folder / "analysis.json", merged)
     return {"analysis": rel(ctx, folder / "analysis.json"), "folder": rel(ctx, folder)}
+
+
+def run_analysis_merge(ctx: Context, config: dict, folder: Path) -> dict:
+    """A merge built by `vlsafe.analysis.merges` from what the analysis found (safety layers, per-layer update
+    cosines) or from the published recipes (RESTA, ExPO), then run like any merge."""
+    from vlsafe.analysis import merges
+
+    args = ctx.resolve(config["args"])
+    builder = config["builder"]
+    if builder in ("safety_layers", "gated"):
+        analysis = json.loads((ctx.out / ctx.records["analysis"]["outputs"]["analysis"]).read_text())
+        if builder == "safety_layers":
+            span = (analysis.get("safety_layers") or {}).get("layer_range")
+            if not span:
+                raise VlsafeError("the layer analysis located no safety layers: no safety-layer merge to build")
+            merge = merges.safety_layer_merge(args["adapted"], args["aligned"], tuple(span))
+        else:
+            first = next(r for r in analysis["task_vectors"])
+            cosines = {r["layer"]: r["cosine"] for r in analysis["task_vectors"]
+                       if r["layer"] is not None and (r["a"], r["b"]) == (first["a"], first["b"])}
+            merge = merges.cosine_gated_merge(args["adapted"], args["safer"], cosines)
+    elif builder == "resta":
+        merge = merges.resta(args["adapted"], args["aligned"], args["unaligned"])
+    else:
+        merge = merges.expo(args["sft"], args["parent"])
+    return run_merge(ctx, {"merge": merge}, folder)
 
 
 RUNNERS: dict[str, Callable[[Context, dict, Path], dict]] = {
     "corpus": run_corpus, "align-data": run_align_data, "control-data": run_control_data,
     "vlguard-like": run_vlguard_like, "pairs": run_pairs, "build": run_build, "train": run_train,
     "merge": run_merge, "suite": run_suite, "eval": run_eval, "legibility": run_legibility,
-    "analysis": run_analysis,
+    "analysis": run_analysis, "analysis-merge": run_analysis_merge,
 }
 
 
