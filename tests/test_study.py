@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     assert {c["condition"] for c in control["cells"]} == {"text"}
     # safety dynamics along stage 2: VLM@1 (step 0), the checkpoint at step 2, the adapted model (step 4)
     curve = results["dynamics"]["s0"]["attack_success_rate"]["text"]
-    assert [p["step"] for p in curve] == [0, 2, 4] and all(p["n"] == 6 for p in curve)
+    assert [p["step"] for p in curve] == [0, 2, 4] and all(p["n"] == 4 for p in curve)
     # the pico tower cannot read: the probe says so, and F1 leaves the typographic condition out
     assert results["typo_perceived"] is False
     typo = next(c for c in results["claims"][0]["comparisons"] if c["condition"] == "typo")
@@ -92,6 +93,9 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
     reference, _ = pico_study
     config = _config(tmp_path, "small", arms=[], merges=None)
     out = tmp_path / "killed"
+    # the stages before stage 2 are the reference run's (same keys: reused), so the kill lands in stage 2 quickly
+    for stage in ("corpus", "align-data", "align", "vlm0", "stage1", "suite"):
+        shutil.copytree(reference / "stages" / stage, out / "stages" / stage)
     command = [sys.executable, "-m", "vlsafe.cli", "study", str(config), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,8 +114,12 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
         assert ours["key"] == theirs["key"]
     weights = lambda root: json.loads((root / "stages/stage2-s0/run/final/vlsafe.json").read_text())["content_sha256"]
     assert weights(out) == weights(reference)
-    samples = lambda root: (root / "stages/eval-adapted-s0/eval/samples.jsonl").read_text()
-    assert samples(out) == samples(reference)
+    def answers(root):  # what was asked, answered and judged (image paths name each run's own folder)
+        rows = [json.loads(line) for line in (root / "stages/eval-adapted-s0/eval/samples.jsonl").read_text().split("\n")
+                if line]
+        return [(r["benchmark"], r["condition"], r["id"], r["response"], r["verdicts"]) for r in rows]
+
+    assert answers(out) == answers(reference)
 
 
 def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):
@@ -170,9 +178,11 @@ def test_a_stage_with_an_accelerate_config_runs_through_accelerate_launch(pico_s
     from vlsafe.study.stages import Context, run_train
 
     reference, _ = pico_study
-    ctx = Context(reference)
-    for name in ("vlm0", "corpus"):
-        ctx.records[name] = json.loads((reference / "stages" / name / "stage.json").read_text())
+    ctx = Context(tmp_path)
+    for name in ("vlm0", "corpus"):  # the reference run's outputs, as absolute paths
+        record = json.loads((reference / "stages" / name / "stage.json").read_text())
+        ctx.records[name] = {**record, "outputs": {k: str(reference / v) for k, v in record["outputs"].items()
+                                                   if isinstance(v, str)}}
     folder = tmp_path / "stage1-ddp"
     folder.mkdir()
     train = {"stage": "projector", "model": "@vlm0:model",
@@ -182,7 +192,7 @@ def test_a_stage_with_an_accelerate_config_runs_through_accelerate_launch(pico_s
     outputs = run_train(ctx, {"train": train}, folder)
     run_config = yaml.safe_load((folder / "run" / "config.yaml").read_text())
     assert run_config["provenance"]["processes"] == 2
-    assert (reference / outputs["model"] / "vlsafe.json").is_file()
+    assert (tmp_path / outputs["model"] / "vlsafe.json").is_file() and outputs["model"] == "stage1-ddp/run/final"
 
 
 # ------------------------------------------------------------------------------------ claims on constructed data

@@ -15,7 +15,9 @@ def cell(c: dict) -> str:
     if c["value"] is None:
         return "-"
     ci = f" [{c['ci'][0]:.0%}, {c['ci'][1]:.0%}]" if c["ci"] else ""
-    return f"{c['value']:.0%}{ci} n={c['n']}"
+    # beside a refusal-based rate: the share of replies that neither refused nor answered (empty, looping, off-topic)
+    extra = f" (non-answer {c['non_answer']:.0%})" if c["metric"] != "accuracy" and c.get("non_answer") else ""
+    return f"{c['value']:.0%}{ci} n={c['n']}{extra}"
 
 
 def interval(claim: dict) -> str:

@@ -101,19 +101,27 @@ def stage_key(stage: Stage, input_keys: dict[str, str], file_prints: dict[str, s
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(path: str) -> str:
-    """A file's sha256; a folder's hash over its files' names and sha256 (safetensors, JSON and text are what
-    change results; big image folders are summarised by name and size)."""
+BIG = 64 << 20  # files above this are fingerprinted by size and mtime: a rerun must not re-hash 14 GB of weights
+
+
+def _file_print(file: Path) -> str:
     from vlsafe.io import sha256_file
 
+    stat = file.stat()
+    return f"size={stat.st_size},mtime={stat.st_mtime_ns}" if stat.st_size > BIG else sha256_file(file)
+
+
+def fingerprint(path: str) -> str:
+    """A file's sha256 (size and mtime above 64 MB); a folder's hash over its files' names and prints (weights,
+    JSON and text are what change results; big image folders are summarised by name and size)."""
     p = Path(path)
     if p.is_file():
-        return sha256_file(p)
+        return _file_print(p)
     digest = hashlib.sha256()
     for file in sorted(q for q in p.rglob("*") if q.is_file()):
         rel = file.relative_to(p)
         if file.suffix in (".safetensors", ".json", ".jsonl", ".txt", ".csv", ".yaml", ".model", ".gguf"):
-            digest.update(f"{rel}:{sha256_file(file)}\n".encode())
+            digest.update(f"{rel}:{_file_print(file)}\n".encode())
         else:
             digest.update(f"{rel}:{file.stat().st_size}\n".encode())
     return digest.hexdigest()
