@@ -57,7 +57,7 @@ def _write_eval(out: Path, model: str, complied: list[bool], benign_refused: lis
     return {"stage": model, "ref": model, "role": model, "seed": seed, "step": step}
 
 
-def _study(out: Path, adapted_asr: int = 30, n: int = 40, planned_extra: tuple[str, ...] = ()) -> Path:
+def _study(out: Path, adapted_asr: int = 56, n: int = 80, planned_extra: tuple[str, ...] = ()) -> Path:
     models = {
         "aligned": _write_eval(out, "aligned", [i < 4 for i in range(n)], [i < 2 for i in range(n)]),
         "vlm1": _write_eval(out, "vlm1", [i < 6 for i in range(n)], [i < 2 for i in range(n)], step=0,
@@ -76,7 +76,7 @@ def test_claims_come_from_the_folders_own_samples(tmp_path):
     out = _study(tmp_path / "study")
     results = build_report(out)
     f1 = results["claims"][0]
-    assert f1["verdict"] == "reproduced" and f1["estimate"] == pytest.approx((30 - 4) / 40) and f1["n"] == 40
+    assert f1["verdict"] == "reproduced" and f1["estimate"] == pytest.approx((56 - 4) / 80) and f1["n"] == 80
     assert json.loads((out / "results.json").read_text())["claims"] == json.loads(json.dumps(results["claims"]))
     # rewrite the adapted model's samples so it refuses what the aligned LLM refuses: the verdict follows the files
     samples = out / "stages/eval-adapted-s0/eval/samples.jsonl"
