@@ -40,7 +40,7 @@ def collect(out: Path) -> dict:
     models, outcomes = {}, {}
     for name, model in plan["models"].items():
         record = records.get(f"eval-{name}")
-        if record is None:
+        if record is None or "eval" not in record["outputs"]:  # not run yet, or its model was never made
             continue
         folder = out / record["outputs"]["eval"]
         results = _read(folder / "results.json")

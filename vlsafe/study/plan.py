@@ -327,8 +327,10 @@ def _add_analysis(plan: Plan, config: StudyConfig, corpus: str, aligned: str, se
     proposals = {"safety_layers": {"adapted": adapted, "aligned": ref("vlm0", "model")}}
     if len(pairs):
         proposals["gated"] = {"adapted": adapted, "safer": plan.models[chain[2][1]]["ref"]}
-    if config.aligns():
-        proposals["resta"] = {"adapted": adapted, "aligned": aligned, "unaligned": config.llm}
+    if config.aligns():  # RESTA adds back (aligned - unaligned): the base LLM saved as weights first
+        dag.add(Stage("llm", "save-llm", {"llm": config.llm}, models=[config.llm], cost_s=c.fixed_s,
+                      command=f"(the base LLM {config.llm} saved as safetensors)"))
+        proposals["resta"] = {"adapted": adapted, "aligned": aligned, "unaligned": ref("llm", "model")}
     if f"safety_sft-s{seed}" in plan.models:
         proposals["expo"] = {"sft": plan.models[f"safety_sft-s{seed}"]["ref"], "parent": adapted}
     for builder, args in proposals.items():

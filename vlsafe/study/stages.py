@@ -123,6 +123,14 @@ def run_build(ctx: Context, config: dict, folder: Path) -> dict:
     return {"model": rel(ctx, folder / "model")}
 
 
+def run_save_llm(ctx: Context, config: dict, folder: Path) -> dict:
+    """The base LLM as a safetensors folder (a preset, 'pico' or a hub id has none), for merges that read it."""
+    from vlsafe.model import checkpoint
+
+    checkpoint.save(checkpoint.load(config["llm"]), folder / "model", provenance={"command": "study", **config})
+    return {"model": rel(ctx, folder / "model")}
+
+
 def run_train(ctx: Context, config: dict, folder: Path) -> dict:
     """`vlsafe train` of the resolved config into FOLDER/run; rerun on the same folder, it resumes."""
     import yaml
@@ -176,6 +184,10 @@ def run_suite(ctx: Context, config: dict, folder: Path) -> dict:
 def run_eval(ctx: Context, config: dict, folder: Path) -> dict:
     from vlsafe.eval.run import evaluate
 
+    producer = ref_stage(config["model"])
+    if producer and "skipped" in ctx.records[producer]["outputs"]:  # a proposed merge the analysis did not support
+        return {"skipped": f"{producer}: {ctx.records[producer]['outputs']['skipped']}"}
+
     report = evaluate(ctx.resolve(config["model"]), ctx.resolve(config["suite"]), folder / "eval",
                       judges=config.get("judges"), corpus=ctx.resolve(config["corpus"]), cache_path=ctx.cache,
                       batch_size=config["batch_size"], log=lambda m: None)
@@ -213,11 +225,18 @@ def run_analysis(ctx: Context, config: dict, folder: Path) -> dict:
 
 def run_analysis_merge(ctx: Context, config: dict, folder: Path) -> dict:
     """A merge built by `vlsafe.analysis.merges` from what the analysis found (safety layers, per-layer update
-    cosines) or from the published recipes (RESTA, ExPO), then run like any merge."""
+    cosines) or from the published recipes (RESTA, ExPO), then run like any merge. When the analysis found nothing
+    to act on (no safety layers, no layer where the updates disagree) the stage records why instead of a model."""
+    try:
+        merge = _proposed_merge(ctx, config["builder"], ctx.resolve(config["args"]))
+    except VlsafeError as err:  # the analysis found nothing this merge could act on: recorded, not a failure
+        return {"skipped": str(err)}
+    return run_merge(ctx, {"merge": merge}, folder)
+
+
+def _proposed_merge(ctx: Context, builder: str, args: dict) -> dict:
     from vlsafe.analysis import merges
 
-    args = ctx.resolve(config["args"])
-    builder = config["builder"]
     if builder in ("safety_layers", "gated"):
         analysis = json.loads((ctx.out / ctx.records["analysis"]["outputs"]["analysis"]).read_text())
         if builder == "safety_layers":
@@ -230,16 +249,16 @@ def run_analysis_merge(ctx: Context, config: dict, folder: Path) -> dict:
             cosines = {r["layer"]: r["cosine"] for r in analysis["task_vectors"]
                        if r["layer"] is not None and (r["a"], r["b"]) == (first["a"], first["b"])}
             merge = merges.cosine_gated_merge(args["adapted"], args["safer"], cosines)
-    elif builder == "resta":
-        merge = merges.resta(args["adapted"], args["aligned"], args["unaligned"])
-    else:
-        merge = merges.expo(args["sft"], args["parent"])
-    return run_merge(ctx, {"merge": merge}, folder)
+        return merge
+    if builder == "resta":
+        return merges.resta(args["adapted"], args["aligned"], args["unaligned"])
+    return merges.expo(args["sft"], args["parent"])
 
 
 RUNNERS: dict[str, Callable[[Context, dict, Path], dict]] = {
     "corpus": run_corpus, "align-data": run_align_data, "control-data": run_control_data,
-    "vlguard-like": run_vlguard_like, "pairs": run_pairs, "build": run_build, "train": run_train,
+    "vlguard-like": run_vlguard_like, "pairs": run_pairs, "build": run_build, "save-llm": run_save_llm,
+    "train": run_train,
     "merge": run_merge, "suite": run_suite, "eval": run_eval, "legibility": run_legibility,
     "analysis": run_analysis, "analysis-merge": run_analysis_merge,
 }
