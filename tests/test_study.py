@@ -280,7 +280,7 @@ def test_analysis_switch_adds_the_layer_analysis_and_the_merges_it_proposes(tmp_
     assert analysis.config["pairs"] == [["adapted-vlm1", "sft-adapted"], ["adapted-vlm1", "dpo-adapted"]]
     for builder in ("safety_layers", "gated", "resta", "expo"):
         assert "analysis" in plan.dag.stages[f"merge-{builder}-s0"].inputs
+        assert f"eval-merge-{builder}-s0" in plan.dag.stages
     # RESTA reads the unaligned base LLM as weights: a stage saves it first
     assert plan.dag.stages["merge-resta-s0"].config["args"]["unaligned"] == "@llm:model"
-        assert f"eval-merge-{builder}-s0" in plan.dag.stages
     assert plan.dag.order()  # no cycle, every input defined
