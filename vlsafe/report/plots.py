@@ -99,7 +99,7 @@ def render_all(results: dict, data: dict, folder: Path) -> dict[str, Path]:
             "asr": asr_by_model(results, folder / "asr_by_model.png")}
     if "analysis" in data["records"]:  # the analysis stage's own heatmaps
         source = data["out"] / data["records"]["analysis"]["outputs"]["folder"]
-        for png in sorted(source.rglob("*.png")):
+        for png in sorted(source.glob("*/*.png")):  # each part's figures (not the rendered prompt images)
             target = folder / f"analysis-{png.parent.name}-{png.name}"
             shutil.copy2(png, target)
             made[f"analysis: {png.stem}"] = target
