@@ -60,6 +60,10 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     # safety dynamics along stage 2: VLM@1 (step 0), the checkpoint at step 2, the adapted model (step 4)
     curve = results["dynamics"]["s0"]["attack_success_rate"]["text"]
     assert [p["step"] for p in curve] == [0, 2, 4] and all(p["n"] == 4 for p in curve)
+    # held-out image questions per type, each beside the chance of guessing among its answer choices
+    held = results["heldout"]
+    assert set(held["chance"]) == {"colour", "shape", "count", "position", "ocr", "digit"}
+    assert 0 < held["chance"]["shape"] < 1 and held["models"]["adapted-s0"]["*"]["n"] == 4
     # the pico tower cannot read: the probe says so, and F1 leaves the typographic condition out
     assert results["typo_perceived"] is False
     typo = next(c for c in results["claims"][0]["comparisons"] if c["condition"] == "typo")

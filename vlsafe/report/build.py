@@ -124,6 +124,30 @@ def dynamics(data: dict) -> dict:
     return out
 
 
+def heldout(data: dict) -> dict:
+    """Held-out image questions per question type, with the chance level of guessing among each item's answer
+    choices beside them: an adapted VLM near chance is measuring fine-tuning noise, not vision."""
+    record = data["records"].get("corpus")
+    items = data["out"] / record["outputs"]["corpus"] / "eval_heldout.jsonl" if record else None
+    if items is None or not items.is_file():
+        return {}
+    odds: dict[str, list[float]] = {}
+    for line in items.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            choices = (row.get("meta") or {}).get("choices") or []
+            if choices:
+                odds.setdefault(row["category"], []).append(1 / len(choices))
+    chance = {task: round(sum(v) / len(v), 4) for task, v in sorted(odds.items())}
+    models = {}
+    for name, model in data["models"].items():
+        cells = {r["category"]: {"value": r["value"], "ci": r["ci"], "n": r["n"]} for r in model["results"]["results"]
+                 if r["benchmark"] == "heldout" and r["metric"] == "accuracy"}
+        if cells:
+            models[name] = cells
+    return {"chance": chance, "models": models}
+
+
 def lineage(data: dict) -> list[dict]:
     rows = []
     for name, record in data["records"].items():
@@ -185,6 +209,7 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "claims": claims,
         "models": model_table(data),
         "dynamics": dynamics(data),
+        "heldout": heldout(data),
         "legibility": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in data["legibility"].items()},
         "typo_perceived": perceived,
         "judges": sorted({m["judge"] for m in data["models"].values() if m["judge"]}),

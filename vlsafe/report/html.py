@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from vlsafe.report.markdown import SHORT, cell, columns, interval, pct
+from vlsafe.report.markdown import SHORT, cell, columns, heldout_table, interval, pct
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;
@@ -56,6 +56,9 @@ def render(results: dict, plots: dict[str, Path]) -> str:
         rows.append([model["model"]] + [cell(by[k]) if k in by else "" for k in cols])
     parts.append("<h2>Every model</h2>" + _table(["model"] + [f"{b}/{c} {SHORT[m]}" for b, c, m in cols], rows))
     parts.append("<p class='small'>First judge; accuracy by answer match; 95% bootstrap intervals.</p>")
+    held = heldout_table(results, lambda header, rows: _table(header, rows))
+    if held:
+        parts.append("<h2>Held-out image questions by type</h2>" + held)
     for title, path in plots.items():
         parts.append(f"<h2>{html.escape(title)}</h2>{_image(path)}")
     parts.append("<h2>Examples</h2>" + _table(

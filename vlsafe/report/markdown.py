@@ -41,6 +41,19 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(clean(x) for x in r) + " |" for r in rows)]
 
 
+def heldout_table(results: dict, make_table) -> list:
+    """Accuracy per question type (all types: "*") with the chance level of guessing among the choices."""
+    found = results.get("heldout") or {}
+    if not found.get("models"):
+        return ["(no held-out image questions evaluated)"] if make_table is table else []
+    tasks = ["*", *found["chance"]]
+    chance = found["chance"]
+    header = ["model"] + [f"{t} (chance {pct(chance[t])})" if t in chance else "all types" for t in tasks]
+    rows = [[name] + [cell({**cells[t], "metric": "accuracy"}) if t in cells else "" for t in tasks]
+            for name, cells in found["models"].items()]
+    return make_table(header, rows)
+
+
 def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines = [f"# Study report: {results['config'].get('name', 'study')}", ""]
     state = "complete" if results["complete"] else f"partial ({results['stages_done']}/{results['stages_planned']} stages)"
@@ -68,6 +81,7 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines += table(header, rows)
     lines += ["", "Rates under the first judge (accuracy by answer match), 95% bootstrap intervals; non-answer "
                   "shares are in results.json beside each cell.", ""]
+    lines += ["## Held-out image questions by type", "", *heldout_table(results, table), ""]
     for title, path in plots.items():
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(out)})", ""]
     lines += ["## Examples", ""]
