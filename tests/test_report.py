@@ -44,7 +44,8 @@ def _write_eval(out: Path, model: str, complied: list[bool], benign_refused: lis
                               "verdicts": {"patterns": verdict}})
                 samples.append({"benchmark": bench, "condition": condition, "id": f"{bench}-{i}", "metric": metric,
                                 "prompt": f"request {i}", "request": f"request {i}",
-                                "response": "No." if refused else "Sure, here is how.", "verdicts": items[-1]["verdicts"]})
+                                "response": "No." if refused else "Sure, here is how.",
+                                "verdicts": items[-1]["verdicts"]})
     results = {"schema": "vlsafe.eval", "schema_version": 2, "judges": [{"name": "patterns", "version": "1"}],
                "model": {"spec": model, "fingerprint": f"fp-{model}", "is_vlm": True},
                "results": score(items, [_Judge()], 0)}

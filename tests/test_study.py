@@ -98,7 +98,7 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
     config = _config(tmp_path, "small", arms=[], merges=None)
     out = tmp_path / "killed"
     # the stages before stage 2 are the reference run's (same keys: reused), so the kill lands in stage 2 quickly
-    for stage in ("corpus", "align-data", "align", "vlm0", "stage1", "suite"):
+    for stage in ("corpus", "align-data", "align", "vlm0", "stage1", "suite", "eval-llm", "eval-aligned", "eval-vlm1"):
         shutil.copytree(reference / "stages" / stage, out / "stages" / stage)
     command = [sys.executable, "-m", "vlsafe.cli", "study", str(config), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -119,8 +119,8 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
     weights = lambda root: json.loads((root / "stages/stage2-s0/run/final/vlsafe.json").read_text())["content_sha256"]
     assert weights(out) == weights(reference)
     def answers(root):  # what was asked, answered and judged (image paths name each run's own folder)
-        rows = [json.loads(line) for line in (root / "stages/eval-adapted-s0/eval/samples.jsonl").read_text().split("\n")
-                if line]
+        lines = (root / "stages/eval-adapted-s0/eval/samples.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line]
         return [(r["benchmark"], r["condition"], r["id"], r["response"], r["verdicts"]) for r in rows]
 
     assert answers(out) == answers(reference)

@@ -12,7 +12,8 @@ from vlsafe.cli._app import app
 
 @app.command()
 def study(
-    config: Optional[Path] = typer.Argument(None, help="A study config (configs/studies/*.yaml); default: the profile."),
+    config: Optional[Path] = typer.Argument(None, help="A study config (configs/studies/*.yaml); default: the "
+                                                       "profile."),
     profile: Optional[str] = typer.Option(None, "--profile", help="default | quick | qwen | pico | a paper-scale "
                                                                   "profile (configs/studies/NAME.yaml)."),
     out: Path = typer.Option(Path("runs/study"), "--out", help="The study folder: rerun the same command to resume."),

@@ -56,7 +56,8 @@ def heldout_table(results: dict, make_table) -> list:
 
 def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines = [f"# Study report: {results['config'].get('name', 'study')}", ""]
-    state = "complete" if results["complete"] else f"partial ({results['stages_done']}/{results['stages_planned']} stages)"
+    done, planned = results["stages_done"], results["stages_planned"]
+    state = "complete" if results["complete"] else f"partial ({done}/{planned} stages)"
     lines.append(f"Run: {state}; git {results['git']}; judges {', '.join(results['judges']) or '-'}; "
                  f"seeds {results['config'].get('seeds')}.")
     if results["failed"]:

@@ -76,7 +76,8 @@ def paired(a: list[dict], b: list[dict], metric: str, conditions: tuple[str, ...
     keys = set.intersection(*[keys_of(o, a_cond) for o in a], *[keys_of(o, same) for o in b])
     keys = sorted(keys)
     if not keys:
-        return {"n": 0, "difference": None, "ci": None, "reason": f"no shared {metric} items in {', '.join(conditions)}"}
+        return {"n": 0, "difference": None, "ci": None,
+                "reason": f"no shared {metric} items in {', '.join(conditions)}"}
     rows_a = [[o[(bench, a_cond[c], i)][field] for c, bench, i in keys] for o in a]
     rows_b = [[o[(bench, c, i)][field] for c, bench, i in keys] for o in b]
     return paired_difference(rows_a, rows_b, seed=seed)

@@ -220,7 +220,8 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
         for s in seeds:
             add_train(f"control-s{s}", "control", aligned, [{"path": ref("control-data", "data"), "format": "jsonl"}],
                       s, ["control-data", *(["align"] if config.aligns() else [])], config.corpus.n)
-            add_model(f"control-s{s}", f"control-s{s}", ref(f"control-s{s}", "model"), "control: text-only fine-tune", s)
+            add_model(f"control-s{s}", f"control-s{s}", ref(f"control-s{s}", "model"),
+                      "control: text-only fine-tune", s)
     if {"safety_sft", "mixed"} & set(config.arms):
         if config.data.safety is None:
             dag.add(Stage("vlguard-like", "vlguard-like", {"corpus": corpus, **config.vlguard_like.model_dump(),
