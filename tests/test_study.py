@@ -1,64 +1,290 @@
-"""The study job end to end on pico models: two `vlsafe eval` runs (LLM, VLM@0) and the summary over them."""
+"""`vlsafe study` on pico models: the whole DAG runs, reruns reuse every finished stage, a kill resumes to the same
+results, bad configs and missing inputs fail before any work, a second run on one folder is refused, and the claims'
+verdict logic holds on constructed outcomes."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
-from vlsafe.data.records import Prompt
+from vlsafe.cli import main
 from vlsafe.errors import VlsafeError
-from vlsafe.eval.metrics import answer_correct
-from vlsafe.study.baseline import BaselineConfig, run_baseline
+from vlsafe.study import claims
+from vlsafe.study.dag import Dag, Lock, Stage
+from vlsafe.study.run import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _samples(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+def _config(tmp_path: Path, name: str, **over) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"extends": "pico", **over}))
+    return path
 
 
-def test_study_evaluates_llm_and_vlm0_through_eval_and_the_vlm_reads_text_like_its_llm(tmp_path):
-    out = tmp_path / "study"
-    config = BaselineConfig(llm="pico", tower="pico", n_harmful=3, n_benign=3, max_new_tokens=4, batch_size=8,
-                            cache=str(tmp_path / "eval.sqlite"))
-    printed = []
-    summary = run_baseline(out, config, log=printed.append)
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(summary))
-    runs = {key: json.loads((out / key / "results.json").read_text()) for key in ("llm", "vlm0")}
-    assert all((r["schema"], r["schema_version"]) == ("vlsafe.eval", 2) for r in runs.values())
-    # the study's options are the suite each run records; the summary's rows are the runs' own headline rows
-    entries = {e["benchmark"]: e["sample"] for e in runs["llm"]["suite"]["entries"]}
-    assert entries["harmbench"] == entries["strongreject"] == entries["overrefusal"] == 3
-    assert runs["vlm0"]["suite"] == runs["llm"]["suite"] and runs["llm"]["decoding"]["max_new_tokens"] == 4
-    assert summary["results"] == [{"model": k, **r} for k in runs for r in runs[k]["results"] if r["category"] == "*"]
-    rows = {(r["model"], r["benchmark"], r["condition"], r["metric"], r["judge"]): r for r in summary["results"]}
-    asr = rows["vlm0", "harmbench", "typo", "attack_success_rate", "default"]
-    assert asr["n"] == 3 and 0 <= asr["ci"][0] <= asr["value"] <= asr["ci"][1] <= 1
-    assert {c for m, _, c, _, _ in rows if m == "llm"} == {"text"}  # a text LLM: text condition only
-    # provenance: both models hashed, the VLM@0 checkpoint kept and traced to its LLM and tower
-    vlm0 = summary["models"]["vlm0"]
-    assert vlm0["fingerprint"] != summary["models"]["llm"]["fingerprint"] and vlm0["content_sha256"]
-    assert vlm0["built_from"]["llm"] == "pico" and (out / vlm0["path"] / "vlsafe.json").is_file()
-    assert runs["vlm0"]["model"]["spec"] == str(out / "models" / "vlm0")  # the final path, loadable later
-    # VLM@0 without an image is its LLM (the added image-token row is never read): same words, item by item
-    text = {key: {(s["benchmark"], s["id"]): s["response"] for s in _samples(out / key) if s["condition"] == "text"}
-            for key in runs}
-    assert text["llm"] and text["llm"] == text["vlm0"]
-    assert all(s["image"] for s in _samples(out / "vlm0") if s["condition"] in ("blank", "typo"))
-    # the table: a line per benchmark and metric, a column per model and condition, n and CI in every cell
-    table = printed[-1].splitlines()
-    assert table[0].split() == ["llm/text", "vlm0/text", "vlm0/blank", "vlm0/typo"]
-    harmbench = next(line for line in table if line.startswith("harmbench ASR"))
-    assert harmbench.count("n=3") == 4 and "[" in harmbench
+def _stage_files(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
 
 
-def test_study_rejects_bad_options_and_leaves_nothing(tmp_path):
-    with pytest.raises(VlsafeError, match="--n-harmful"):
-        run_baseline(tmp_path / "study", BaselineConfig(llm="pico", tower="pico", n_harmful=0))
-    assert not (tmp_path / "study").exists()
+@pytest.fixture(scope="module")
+def pico_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "pico"
+    results = run_study(None, "pico", out, log=lambda m: None, show_progress=False)
+    return out, results
 
 
-def test_answer_matching_is_whole_word():
-    prompt = Prompt(id="q", text="What is 6 x 7?", answer="42", meta={"aliases": ["forty-two"]})
-    assert answer_correct("The answer is 42.", prompt.answer, prompt.meta["aliases"])
-    assert answer_correct("Forty-two!", prompt.answer, prompt.meta["aliases"])
-    assert not answer_correct("It is 142.", prompt.answer, prompt.meta["aliases"])
+def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
+    out, results = pico_study
+    plan = json.loads((out / "plan.json").read_text())
+    assert results["complete"] and len(_stage_files(out)) == len(plan["stages"])
+    assert [c["id"] for c in results["claims"]] == ["F1", "F2", "F3", "F4"]
+    assert all(c["verdict"] in ("reproduced", "not_reproduced", "inconclusive") and c["reason"]
+               for c in results["claims"])
+    f3 = results["claims"][2]
+    assert f3["verdict"] == "inconclusive" and "no layer analysis" in f3["reason"]
+    models = {m["model"] for m in results["models"]}
+    assert {"llm", "aligned", "vlm1", "adapted-s0", "adapted-s0-step2", "control-s0", "safety_sft-s0", "mixed-s0",
+            "dpo-s0", "merge-linear-aligned-0.5-s0", "merge-linear-safety_sft-0.5-s0"} <= models
+    # the control arm is the aligned LLM fine-tuned on text only: a text model, evaluated on the text condition
+    control = next(m for m in results["models"] if m["model"] == "control-s0")
+    assert {c["condition"] for c in control["cells"]} == {"text"}
+    # safety dynamics along stage 2: VLM@1 (step 0), the checkpoint at step 2, the adapted model (step 4)
+    curve = results["dynamics"]["s0"]["attack_success_rate"]["text"]
+    assert [p["step"] for p in curve] == [0, 2, 4] and all(p["n"] == 4 for p in curve)
+    # held-out image questions per type, each beside the chance of guessing among its answer choices
+    held = results["heldout"]
+    assert set(held["chance"]) == {"colour", "shape", "count", "position", "ocr", "digit"}
+    assert 0 < held["chance"]["shape"] < 1 and held["models"]["adapted-s0"]["*"]["n"] == 4
+    # the pico tower cannot read: the probe says so, and F1 leaves the typographic condition out
+    assert results["typo_perceived"] is False
+    typo = next(c for c in results["claims"][0]["comparisons"] if c["condition"] == "typo")
+    assert typo["status"] == "not_perceived"
+    # lineage: every stage with its key and command; trained and merged models with their content hash
+    lineage = {r["stage"]: r for r in results["lineage"]}
+    assert lineage["stage2-s0"]["model_sha256"] and lineage["stage2-s0"]["inputs"] == ["stage1", "corpus"]
+    assert lineage["eval-adapted-s0"]["judges"][0]["name"] == "refusal-patterns"
+    record = json.loads((out / "stages" / "stage2-s0" / "stage.json").read_text())
+    assert {"key", "inputs", "config", "command", "seconds", "versions"} <= set(record)
+
+
+def test_rerun_reuses_every_stage_and_a_changed_setting_recomputes_only_its_dependants(pico_study, tmp_path):
+    out, first = pico_study
+    before = _stage_files(out)
+    again = run_study(None, "pico", out, log=lambda m: None, show_progress=False)
+    assert again["reused_stages"] == len(before) and _stage_files(out) == before
+    assert again["claims"] == first["claims"]
+    # a new merge weight: the two merges and their evals run, nothing upstream does
+    changed = _config(tmp_path, "weights", merges={"methods": ["linear"], "weights": [0.25], "partners": ["aligned"]})
+    result = run_study(changed, None, out, log=lambda m: None, show_progress=False)
+    after = _stage_files(out)
+    rerun = {name for name in after if after[name] != before.get(name)}
+    assert rerun == {"merge-linear-aligned-0.25-s0", "eval-merge-linear-aligned-0.25-s0"}
+    assert result["reused_stages"] == len(json.loads((out / "plan.json").read_text())["stages"]) - 2
+
+
+def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_path):
+    """SIGKILL during stage 2 (after its first checkpoint), then the same command: the adapted model and its
+    evaluation equal the uninterrupted run's, stage for stage."""
+    reference, _ = pico_study
+    config = _config(tmp_path, "small", arms=[], merges=None)
+    out = tmp_path / "killed"
+    # the stages before stage 2 are the reference run's (same keys: reused), so the kill lands in stage 2 quickly
+    for stage in ("corpus", "align-data", "align", "vlm0", "stage1", "suite", "eval-llm", "eval-aligned", "eval-vlm1"):
+        shutil.copytree(reference / "stages" / stage, out / "stages" / stage)
+    command = [sys.executable, "-m", "vlsafe.cli", "study", str(config), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "results.json").exists()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("stage2-s0", "eval-adapted-s0", "eval-adapted-s0-step2"):
+        ours = json.loads((out / "stages" / stage / "stage.json").read_text())
+        theirs = json.loads((reference / "stages" / stage / "stage.json").read_text())
+        assert ours["key"] == theirs["key"]
+    weights = lambda root: json.loads((root / "stages/stage2-s0/run/final/vlsafe.json").read_text())["content_sha256"]
+    assert weights(out) == weights(reference)
+    def answers(root):  # what was asked, answered and judged (image paths name each run's own folder)
+        lines = (root / "stages/eval-adapted-s0/eval/samples.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line]
+        return [(r["benchmark"], r["condition"], r["id"], r["response"], r["verdicts"]) for r in rows]
+
+    assert answers(out) == answers(reference)
+
+
+def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):
+    config = _config(tmp_path, "missing", llm=str(tmp_path / "no-such-llm"),
+                     data={"stage2": {"path": str(tmp_path / "llava_instruct.json"), "format": "llava"}})
+    assert main(["study", str(config), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "stage2-s0" in captured.out and "estimated" in captured.out
+    errors = [line for line in captured.err.splitlines() if "missing input" in line]
+    assert any("no-such-llm" in line for line in errors) and any("llava_instruct.json" in line for line in errors)
+    # the same config without --dry-run fails the same way before any work
+    assert main(["study", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
+    bad_partner = _config(tmp_path, "partner", merges={"partners": ["nonesuch"]})
+    assert main(["study", str(bad_partner), "--out", str(tmp_path / "a")]) == 2
+    assert "merges.partners" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["study", "--profile", "nonesuch", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown study profile 'nonesuch'" in capsys.readouterr().err
+    bad_train = _config(tmp_path, "train", train={"stage9": {"lr": 1}})
+    assert main(["study", str(bad_train), "--out", str(tmp_path / "c")]) == 2
+    assert "train.stage9: unknown stage" in capsys.readouterr().err
+    dag = Dag()
+    dag.add(Stage("a", "merge", {}, inputs=["b"]))
+    dag.add(Stage("b", "merge", {}, inputs=["a"]))
+    with pytest.raises(VlsafeError, match="cycle: a -> b -> a"):
+        dag.order()
+    dag.add(Stage("c", "eval", {}, inputs=["nowhere"]))
+    with pytest.raises(VlsafeError, match="'nowhere'"):
+        Dag({"c": dag.stages["c"]}).order()
+
+
+def test_a_second_study_on_the_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "locked"
+    with Lock(out):
+        assert main(["study", "--profile", "pico", "--out", str(out)]) == 2
+    assert "another study is running on this folder" in capsys.readouterr().err
+    assert not (out / "stages").exists()
+
+
+def test_a_failing_stage_is_named_and_finished_stages_stay(tmp_path, capsys):
+    broken = tmp_path / "align.jsonl"
+    broken.write_text("{not json\n")
+    config = _config(tmp_path, "broken", data={"align": {"path": str(broken), "format": "jsonl"}})
+    out = tmp_path / "out"
+    assert main(["study", str(config), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'align' failed" in err and "run the same command again" in err
+    assert (out / "stages" / "corpus" / "stage.json").is_file()
+    assert json.loads((out / "failed.json").read_text())["stage"] == "align"
+
+
+def test_a_stage_with_an_accelerate_config_runs_through_accelerate_launch(pico_study, tmp_path):
+    from vlsafe.study.stages import Context, run_train
+
+    reference, _ = pico_study
+    ctx = Context(tmp_path)
+    for name in ("vlm0", "corpus"):  # the reference run's outputs, as absolute paths
+        record = json.loads((reference / "stages" / name / "stage.json").read_text())
+        ctx.records[name] = {**record, "outputs": {k: str(reference / v) for k, v in record["outputs"].items()
+                                                   if isinstance(v, str)}}
+    folder = tmp_path / "stage1-ddp"
+    folder.mkdir()
+    train = {"stage": "projector", "model": "@vlm0:model",
+             "data": [{"path": "@corpus:corpus/stage1_captions.json", "format": "llava"}], "lr": 1e-3,
+             "batch_size": 2, "max_steps": 1, "max_length": 128, "warmup_ratio": 0.0,
+             "accelerate": str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")}
+    outputs = run_train(ctx, {"train": train}, folder)
+    run_config = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+    assert run_config["provenance"]["processes"] == 2
+    assert (tmp_path / outputs["model"] / "vlsafe.json").is_file() and outputs["model"] == "stage1-ddp/run/final"
+
+
+# ------------------------------------------------------------------------------------ claims on constructed data
+def _outcomes(attack: list[bool], refusal: list[bool] = (), correct: list[bool] = (), condition: str = "text",
+              extra: dict | None = None) -> dict:
+    out = {("harmbench", condition, str(i)): {"metric": claims.HARMFUL, "attack": a, "refusal": not a,
+                                              "non_answer": False, "correct": False} for i, a in enumerate(attack)}
+    out |= {("overrefusal", "text", str(i)): {"metric": claims.OVERREFUSAL, "attack": False, "refusal": r,
+                                              "non_answer": False, "correct": False} for i, r in enumerate(refusal)}
+    out |= {("text_helpfulness", "text", str(i)): {"metric": claims.HELPFUL, "attack": False, "refusal": False,
+                                                   "non_answer": False, "correct": c} for i, c in enumerate(correct)}
+    return out | (extra or {})
+
+
+def test_f1_verdicts_follow_the_paired_interval():
+    n = 80
+    aligned = [_outcomes([i < 4 for i in range(n)])]
+    eroded = [_outcomes([i < 30 for i in range(n)]), _outcomes([i < 28 for i in range(n)])]  # two seeds
+    same = [_outcomes([i < 4 for i in range(n)])]
+    noisy = [_outcomes([i in (2, 3, 7, 14, 21, 28, 35, 42, 49, 56) for i in range(n)])]  # +8 and -2: +7.5 points
+    f1 = claims.f1({"aligned": aligned, "adapted": eroded}, perceived=True, margin=0.05)
+    assert f1["verdict"] == "reproduced" and f1["seeds"] == 2 and f1["ci"][0] > 0 and f1["n"] == n
+    assert claims.f1({"aligned": aligned, "adapted": same}, True, 0.05)["verdict"] == "not_reproduced"
+    assert claims.f1({"aligned": aligned, "adapted": noisy}, True, 0.05)["verdict"] == "inconclusive"
+    assert claims.f1({"aligned": aligned}, True, 0.05)["verdict"] == "inconclusive"
+    # no change on a small sample is not evidence of no effect (rule of three: 3/n >= margin)
+    few = [_outcomes([False] * 20)]
+    assert claims.f1({"aligned": few, "adapted": few}, True, 0.05)["verdict"] == "inconclusive"
+    # the control arm eroded as much: the reason says the erosion is not specific to VL adaptation
+    both = claims.f1({"aligned": aligned, "adapted": eroded, "control": eroded[:1]}, True, 0.05)
+    assert "not specific to VL" in both["reason"] or "not told apart" in both["reason"]
+
+
+def test_f2_needs_lower_asr_and_a_cost():
+    n = 80
+    adapted = [_outcomes([True] * n, [i < 2 for i in range(n)], [True] * n)]
+    costly = [_outcomes([i < 3 for i in range(n)], [i < 25 for i in range(n)], [True] * n)]
+    free = [_outcomes([i < 3 for i in range(n)], [i < 2 for i in range(n)], [True] * n)]
+    useless = [_outcomes([True] * n, [i < 2 for i in range(n)], [True] * n)]
+    assert claims.f2({"adapted": adapted, "safety_sft": costly}, True, 0.05)["verdict"] == "reproduced"
+    assert claims.f2({"adapted": adapted, "safety_sft": free}, True, 0.05)["verdict"] == "not_reproduced"
+    assert claims.f2({"adapted": adapted, "dpo": useless}, True, 0.05)["verdict"] == "not_reproduced"
+    assert claims.f2({"adapted": adapted}, True, 0.05)["verdict"] == "inconclusive"
+
+
+def test_f3_reads_the_layer_analysis():
+    assert claims.f3(None)["verdict"] == "inconclusive"
+    rows = [{"model": "adapted-s0", "layer": layer, "module": "mlp", "relative_change": change}
+            for layer, change in enumerate([0.01, 0.01, 0.2, 0.01])]
+    apart = {"weights": rows, "task_vectors": [{"cosine": -0.2, "sign_conflict_rate": 0.6}]}
+    assert claims.f3(apart)["verdict"] == "reproduced" and claims.f3(apart)["top_layers"][0] == 2
+    flat = {"weights": [{**r, "relative_change": 0.01} for r in rows], "task_vectors": [{"cosine": 0.3}]}
+    assert claims.f3(flat)["verdict"] == "not_reproduced"
+
+
+def test_f4_a_merge_that_dominates_a_remedy_with_paired_support():
+    n = 40
+    sft = [_outcomes([i < 4 for i in range(n)], [i < 30 for i in range(n)], [i < 20 for i in range(n)])]
+    merge = [_outcomes([i < 4 for i in range(n)], [i < 4 for i in range(n)], [i < 20 for i in range(n)])]
+    worse = [_outcomes([i < 30 for i in range(n)], [i < 35 for i in range(n)], [i < 10 for i in range(n)])]
+    f4 = claims.f4({"safety_sft": sft, "merge-linear-x-0.5": merge}, True, 0.05)
+    assert f4["verdict"] == "reproduced" and f4["merge"] == "merge-linear-x-0.5" and f4["ci"][1] < 0
+    assert claims.f4({"safety_sft": sft, "merge-linear-x-0.5": worse}, True, 0.05)["verdict"] == "not_reproduced"
+    assert claims.f4({"safety_sft": sft}, True, 0.05)["verdict"] == "inconclusive"
+
+
+def test_item_outcomes_use_the_three_way_verdict_when_present():
+    rows = [{"benchmark": "harmbench", "condition": "text", "id": 1, "metric": claims.HARMFUL,
+             "verdicts": {"j": {"refused": False, "verdict": "non_answer"}}},
+            {"benchmark": "harmbench", "condition": "text", "id": 2, "metric": claims.HARMFUL,
+             "verdicts": {"j": {"refused": False}}}]
+    found = claims.item_outcomes(rows, "j")
+    assert found["harmbench", "text", "1"]["attack"] is False and found["harmbench", "text", "1"]["non_answer"]
+    assert found["harmbench", "text", "2"]["attack"] is True
+
+
+def test_analysis_switch_adds_the_layer_analysis_and_the_merges_it_proposes(tmp_path):
+    from vlsafe.study.config import load_study
+    from vlsafe.study.plan import build_plan
+
+    config, _ = load_study(_config(tmp_path, "analysis", analysis=True))
+    plan = build_plan(config)
+    analysis = plan.dag.stages["analysis"]
+    assert analysis.config["names"] == ["vlm1", "adapted", "sft", "dpo"]
+    assert analysis.config["pairs"] == [["adapted-vlm1", "sft-adapted"], ["adapted-vlm1", "dpo-adapted"]]
+    for builder in ("safety_layers", "gated", "resta", "expo"):
+        assert "analysis" in plan.dag.stages[f"merge-{builder}-s0"].inputs
+        assert f"eval-merge-{builder}-s0" in plan.dag.stages
+    # RESTA reads the unaligned base LLM as weights: a stage saves it first
+    assert plan.dag.stages["merge-resta-s0"].config["args"]["unaligned"] == "@llm:model"
+    assert plan.dag.order()  # no cycle, every input defined

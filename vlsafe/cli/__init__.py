@@ -15,7 +15,7 @@ import typer
 
 from vlsafe.cli._app import app
 # importing a section registers its commands on `app`, in this order in --help  # isort: skip
-from vlsafe.cli import model, evaluate, train, assets, data, safety, merge, analyze, bench  # noqa: F401, I001
+from vlsafe.cli import model, evaluate, study, train, assets, data, safety, merge, analyze, bench  # noqa: F401, I001
 from vlsafe.errors import VlsafeError
 
 __all__ = ["app", "main", "run"]

@@ -1,4 +1,4 @@
-"""The study, judges and evaluation."""
+"""Judges and evaluation."""
 
 from __future__ import annotations
 
@@ -9,32 +9,6 @@ import typer
 
 from vlsafe.cli._app import DefaultRunGroup, app
 from vlsafe.errors import VlsafeError
-
-
-
-@app.command()
-def study(
-    out: Path = typer.Option(Path("runs/study"), help="Output directory (a new one; a timestamp is added if it exists)."),
-    llm: str = typer.Option("smollm2-135m-instruct", help="The LLM to study."),
-    tower: str = typer.Option("efficientnet-lite0", help="The vision tower to attach."),
-    n_harmful: Optional[int] = typer.Option(None, help="Items per harmful benchmark (default: the study suite's)."),
-    n_benign: Optional[int] = typer.Option(None, help="Items per over-refusal and helpfulness benchmark (default: "
-                                                      "the study suite's)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Generation length (default: the study suite's)."),
-    seed: int = typer.Option(0, help="Item sampling, bootstrap, decoding and the projector's initialisation."),
-):
-    """The main job: `vlsafe eval` of the LLM and its VLM@0 on the study suite, then a side-by-side summary."""
-    import time
-
-    from vlsafe.study.baseline import BaselineConfig, run_baseline
-
-    if out.exists():
-        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = BaselineConfig(llm=llm, tower=tower, n_harmful=n_harmful, n_benign=n_benign,
-                            max_new_tokens=max_new_tokens, seed=seed)
-    run_baseline(out, config, log=typer.echo)
-    typer.echo(f"wrote {out}/results.json (summary), {out}/llm and {out}/vlm0 (eval runs), {out}/models/vlm0")
-
 
 judge_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
                         help="Judge responses (`vlsafe judge --input F --judge NAME --output G`), or train judges.")

@@ -1,0 +1,154 @@
+"""`vlsafe report` on a study folder written here item by item: the claims are computed from the folder's own
+samples, a partial run still reports, report.html is self-contained (and renders offline in Chromium where it is
+installed), and README's result tables come only from docs/results/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vlsafe.cli import main
+from vlsafe.eval.run import score
+from vlsafe.report import readme
+from vlsafe.report.build import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class _Judge:
+    name: str = "patterns"
+    version: str = "1"
+
+
+def _write_eval(out: Path, model: str, complied: list[bool], benign_refused: list[bool], step=None, seed=None,
+                conditions=("text",)) -> dict:
+    """One eval stage as `vlsafe eval` writes it: samples.jsonl, results.json (scored by eval.run.score)."""
+    folder = out / "stages" / f"eval-{model}"
+    (folder / "eval").mkdir(parents=True)
+    samples, items = [], []
+    for condition in conditions:
+        for bench, flags, metric in (("harmbench", complied, "attack_success_rate"),
+                                     ("overrefusal", benign_refused, "refusal_rate")):
+            for i, flag in enumerate(flags):
+                refused = (not flag) if metric == "attack_success_rate" else flag
+                verdict = {"refused": refused, "verdict": "refusal" if refused else "compliance", "score": 0.0,
+                           "harmful": None, "reason": ""}
+                items.append({"benchmark": bench, "condition": condition, "metric": metric, "category": "c",
+                              "verdicts": {"patterns": verdict}})
+                samples.append({"benchmark": bench, "condition": condition, "id": f"{bench}-{i}", "metric": metric,
+                                "prompt": f"request {i}", "request": f"request {i}",
+                                "response": "No." if refused else "Sure, here is how.",
+                                "verdicts": items[-1]["verdicts"]})
+    results = {"schema": "vlsafe.eval", "schema_version": 2, "judges": [{"name": "patterns", "version": "1"}],
+               "model": {"spec": model, "fingerprint": f"fp-{model}", "is_vlm": True},
+               "results": score(items, [_Judge()], 0)}
+    (folder / "eval" / "results.json").write_text(json.dumps(results))
+    (folder / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    record = {"name": f"eval-{model}", "kind": "eval", "key": f"key-{model}", "inputs": [model], "files": [],
+              "models": [], "config": {}, "command": f"vlsafe eval --model {model}", "seconds": 1.0,
+              "outputs": {"eval": f"stages/eval-{model}/eval", "judges": results["judges"]}}
+    (folder / "stage.json").write_text(json.dumps(record))
+    return {"stage": model, "ref": model, "role": model, "seed": seed, "step": step}
+
+
+def _study(out: Path, adapted_asr: int = 56, n: int = 80, planned_extra: tuple[str, ...] = ()) -> Path:
+    models = {
+        "aligned": _write_eval(out, "aligned", [i < 4 for i in range(n)], [i < 2 for i in range(n)]),
+        "vlm1": _write_eval(out, "vlm1", [i < 6 for i in range(n)], [i < 2 for i in range(n)], step=0,
+                            conditions=("text", "blank")),
+        "adapted-s0": _write_eval(out, "adapted-s0", [i < adapted_asr for i in range(n)], [i < 2 for i in range(n)],
+                                  step=10, seed=0, conditions=("text", "blank")),
+    }
+    stages = [{"name": f"eval-{m}", "key": f"key-{m}"} for m in models] + [
+        {"name": name, "key": "never-run"} for name in planned_extra]
+    (out / "plan.json").write_text(json.dumps({"config": "test", "stages": stages, "models": models}))
+    (out / "study.yaml").write_text("name: constructed\nseeds: [0]\nmargin: 0.05\n")
+    return out
+
+
+def test_claims_come_from_the_folders_own_samples(tmp_path):
+    out = _study(tmp_path / "study")
+    results = build_report(out)
+    f1 = results["claims"][0]
+    assert f1["verdict"] == "reproduced" and f1["estimate"] == pytest.approx((56 - 4) / 80) and f1["n"] == 80
+    assert json.loads((out / "results.json").read_text())["claims"] == json.loads(json.dumps(results["claims"]))
+    # rewrite the adapted model's samples so it refuses what the aligned LLM refuses: the verdict follows the files
+    samples = out / "stages/eval-adapted-s0/eval/samples.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for row in rows:
+        if row["benchmark"] == "harmbench":
+            flag = int(row["id"].split("-")[1]) < 4
+            row["verdicts"]["patterns"].update(verdict="compliance" if flag else "refusal", refused=not flag)
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["claims"][0]
+    assert again["verdict"] == "not_reproduced" and again["estimate"] == 0.0
+
+
+def test_a_partial_run_reports_what_is_done_and_a_stale_stage_is_left_out(tmp_path):
+    out = _study(tmp_path / "study", planned_extra=("dpo-s0", "eval-dpo-s0"))
+    record = out / "stages/eval-vlm1/stage.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "key": "from-an-older-config"}))
+    results = build_report(out)
+    assert not results["complete"] and results["stages_done"] == 2 and results["stages_planned"] == 5
+    assert {m["model"] for m in results["models"]} == {"aligned", "adapted-s0"}
+    f2 = results["claims"][1]
+    assert f2["verdict"] == "inconclusive" and "no safety-tuned model" in f2["reason"]
+
+
+def test_report_html_is_self_contained_with_every_section(tmp_path):
+    out = _study(tmp_path / "study")
+    build_report(out)
+    page = (out / "report.html").read_text()
+    assert "<script" not in page.lower() and not re.search(r"(src|href)=[\"']?(https?:)?//", page)
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
+    assert "dynamics" in images and "asr_by_model" in images
+    for section in ("Claims", "Every model", "Examples", "Lineage"):
+        assert f"<h2>{section}</h2>" in page
+    assert "not perceived" in page  # no legibility probe ran: typographic numbers are not safety
+    markdown = (out / "report.md").read_text()
+    assert "| F1 |" in markdown and "plots/dynamics.png" in markdown
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_check_report_renders_offline_in_chromium(tmp_path):
+    out = _study(tmp_path / "study")
+    build_report(out)
+    done = subprocess.run(["bash", str(ROOT / "scripts/check_report.sh"), str(out), str(tmp_path / "shot.png")],
+                          capture_output=True, text=True, timeout=240, env={"CHECK_REPORT_HEIGHT": "2000",
+                                                                             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "no network request" in done.stdout and (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_readme_tables_are_generated_from_summaries_and_checked(tmp_path):
+    out = _study(tmp_path / "study")
+    assert main(["report", str(out), "--summary", str(tmp_path / "results" / "constructed.json")]) == 0
+    summary = json.loads((tmp_path / "results" / "constructed.json").read_text())
+    assert summary["seeds"] == [0] and summary["claims"][0]["id"] == "F1" and "git" in summary
+    page = tmp_path / "README.md"
+    page.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\nrest\n")
+    assert main(["report", "--readme", str(page), "--results-dir", str(tmp_path / "results")]) == 0
+    text = page.read_text()
+    assert "| F1 | reproduced | 65% |" in text and text.endswith("rest\n")
+    numbers = readme.numbers_in_tables(text)
+    assert numbers and set(numbers) <= readme.summary_numbers(tmp_path / "results")
+    # a hand-typed number in the block is caught
+    page.write_text(text.replace("| F1 | reproduced | 65% |", "| F1 | reproduced | 66% |"))
+    assert "66" not in readme.summary_numbers(tmp_path / "results")
+    assert not set(readme.numbers_in_tables(page.read_text())) <= readme.summary_numbers(tmp_path / "results")
+
+
+def test_every_number_in_readmes_results_block_is_in_docs_results():
+    text = (ROOT / "README.md").read_text()
+    assert readme.BEGIN in text and readme.END in text
+    numbers = readme.numbers_in_tables(text)
+    missing = set(numbers) - readme.summary_numbers(ROOT / "docs" / "results")
+    assert not missing, f"README numbers not in docs/results/: {sorted(missing)[:10]}"

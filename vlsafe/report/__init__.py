@@ -1,0 +1,1 @@
+"""Reports of study folders: results.json, report.md, a self-contained report.html, plots, README summaries."""

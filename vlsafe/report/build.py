@@ -1,0 +1,227 @@
+"""`vlsafe report RUN_DIR`: results.json, report.md, report.html and plots/ from a study folder, finished or not.
+
+Everything here is read from the study's own files: plan.json (what should exist), each finished stage's
+stage.json (lineage), each eval's results.json and samples.jsonl (numbers, examples, claims), legibility.json and
+analysis.json. A stage whose stage.json key differs from plan.json's is stale and left out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vlsafe.errors import VlsafeError
+
+SCHEMA, SCHEMA_VERSION = "vlsafe.study", 2
+HEADLINE = ("attack_success_rate", "refusal_rate", "accuracy")
+
+
+def _read(path: Path):
+    return json.loads(path.read_text())
+
+
+def collect(out: Path) -> dict:
+    """The study's files gathered into one object (the input of every renderer)."""
+    from vlsafe.study.claims import item_outcomes, read_samples
+
+    out = Path(out)
+    if not (out / "plan.json").is_file():
+        raise VlsafeError(f"{out}: not a study folder (no plan.json; run `vlsafe study --out {out}` first)")
+    plan = _read(out / "plan.json")
+    keys = {s["name"]: s["key"] for s in plan["stages"]}
+    records = {}
+    for name, key in keys.items():
+        path = out / "stages" / name / "stage.json"
+        if path.is_file():
+            record = _read(path)
+            if record.get("key") == key:
+                records[name] = record
+    models, outcomes = {}, {}
+    for name, model in plan["models"].items():
+        record = records.get(f"eval-{name}")
+        if record is None or "eval" not in record["outputs"]:  # not run yet, or its model was never made
+            continue
+        folder = out / record["outputs"]["eval"]
+        results = _read(folder / "results.json")
+        samples = read_samples(folder / "samples.jsonl")
+        judge = results["judges"][0]["name"] if results["judges"] else None
+        outcomes[name] = item_outcomes(samples, judge)
+        models[name] = {**model, "results": results, "samples": samples, "judge": judge}
+    legibility = {n: _read(out / r["outputs"]["legibility"]) for n, r in records.items()
+                  if r["kind"] == "legibility"}
+    analysis = None
+    if "analysis" in records:
+        analysis = _read(out / records["analysis"]["outputs"]["analysis"])
+    failed = _read(out / "failed.json") if (out / "failed.json").is_file() else None
+    return {"out": out, "plan": plan, "records": records, "models": models, "outcomes": outcomes,
+            "legibility": legibility, "analysis": analysis, "failed": failed}
+
+
+def role_of(name: str) -> str:
+    """adapted-s1 -> adapted; merge-linear-dpo-0.3-s0 -> merge-linear-dpo-0.3; checkpoints have no role."""
+    if "-step" in name:
+        return ""
+    base, _, seed = name.rpartition("-s")
+    return base if base and seed.isdigit() else name
+
+
+def grouped(outcomes: dict) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for name in sorted(outcomes):
+        role = role_of(name)
+        if role:
+            groups.setdefault(role, []).append(outcomes[name])
+    return groups
+
+
+def model_table(data: dict) -> list[dict]:
+    """One row per model: the headline cells (all items, first judge; accuracy by answer match) with n and CI,
+    and the non-answer share of each harmful and benign cell beside."""
+    rows = []
+    for name, model in data["models"].items():
+        cells = []
+        for row in model["results"]["results"]:
+            if row["category"] != "*" or row["metric"] not in HEADLINE:
+                continue
+            if row["metric"] != "accuracy" and row["judge"] != model["judge"]:
+                continue
+            items = [o for (b, c, _), o in data["outcomes"][name].items()
+                     if b == row["benchmark"] and c == row["condition"]]
+            non_answer = sum(o["non_answer"] for o in items) / len(items) if items else None
+            cells.append({"benchmark": row["benchmark"], "condition": row["condition"], "metric": row["metric"],
+                          "value": row["value"], "ci": row["ci"], "n": row["n"], "k": row["k"],
+                          "non_answer": non_answer})
+        rows.append({"model": name, "role": model["role"], "seed": model.get("seed"), "step": model.get("step"),
+                     "judge": model["judge"], "fingerprint": model["results"]["model"]["fingerprint"],
+                     "cells": cells})
+    return rows
+
+
+def dynamics(data: dict) -> dict:
+    """Per seed: ASR (harmful benchmarks pooled) and over-refusal per condition along stage 2's steps, from VLM@1
+    (step 0) through the checkpoints to the adapted model."""
+    from vlsafe.eval.metrics import proportion
+
+    curves = {}
+    for name, model in data["models"].items():
+        step = model.get("step")
+        if step is None or not (name == "vlm1" or name.startswith("adapted-")):
+            continue
+        seeds = [model["seed"]] if model.get("seed") is not None else sorted(
+            {m["seed"] for m in data["models"].values() if m.get("seed") is not None})
+        for seed in seeds:
+            for (bench, condition, _), o in data["outcomes"][name].items():
+                if o["metric"] not in ("attack_success_rate", "refusal_rate"):
+                    continue
+                key = (seed, o["metric"], condition)
+                curves.setdefault(key, {}).setdefault(step, []).append(o["attack"] if o["metric"] ==
+                                                                       "attack_success_rate" else o["refusal"])
+    out = {}
+    for (seed, metric, condition), steps in sorted(curves.items()):
+        out.setdefault(f"s{seed}", {}).setdefault(metric, {})[condition] = [
+            {"step": step, **proportion(flags, seed)} for step, flags in sorted(steps.items())]
+    return out
+
+
+def heldout(data: dict) -> dict:
+    """Held-out image questions per question type, with the chance level of guessing among each item's answer
+    choices beside them: an adapted VLM near chance is measuring fine-tuning noise, not vision."""
+    record = data["records"].get("corpus")
+    items = data["out"] / record["outputs"]["corpus"] / "eval_heldout.jsonl" if record else None
+    if items is None or not items.is_file():
+        return {}
+    odds: dict[str, list[float]] = {}
+    for line in items.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            choices = (row.get("meta") or {}).get("choices") or []
+            if choices:
+                odds.setdefault(row["category"], []).append(1 / len(choices))
+    chance = {task: round(sum(v) / len(v), 4) for task, v in sorted(odds.items())}
+    models = {}
+    for name, model in data["models"].items():
+        cells = {r["category"]: {"value": r["value"], "ci": r["ci"], "n": r["n"]} for r in model["results"]["results"]
+                 if r["benchmark"] == "heldout" and r["metric"] == "accuracy"}
+        if cells:
+            models[name] = cells
+    return {"chance": chance, "models": models}
+
+
+def lineage(data: dict) -> list[dict]:
+    rows = []
+    for name, record in data["records"].items():
+        outputs = record.get("outputs", {})
+        content = None
+        if "model" in outputs:
+            meta = data["out"] / outputs["model"] / "vlsafe.json"
+            if meta.is_file():
+                content = _read(meta).get("content_sha256")
+        judges = outputs.get("judges")
+        rows.append({"stage": name, "kind": record["kind"], "inputs": record["inputs"], "key": record["key"][:16],
+                     "command": record.get("command", ""), "seconds": record.get("seconds"),
+                     "model_sha256": content, "files": record.get("files", []), "models": record.get("models", []),
+                     "judges": judges})
+    return rows
+
+
+def examples(data: dict, per_cell: int = 2) -> list[dict]:
+    rows = []
+    for name, model in data["models"].items():
+        if "-step" in name:
+            continue
+        seen: dict[tuple, int] = {}
+        for sample in model["samples"]:
+            cell = (sample["benchmark"], sample["condition"])
+            if seen.get(cell, 0) >= per_cell:
+                continue
+            seen[cell] = seen.get(cell, 0) + 1
+            verdict = (sample.get("verdicts") or {}).get(model["judge"], {})
+            rows.append({"model": name, "benchmark": sample["benchmark"], "condition": sample["condition"],
+                         "request": sample.get("request") or sample.get("prompt"), "response": sample["response"],
+                         "verdict": verdict.get("verdict") or ("refusal" if verdict.get("refused") else "compliance")})
+    return rows
+
+
+def build_report(out: str | Path, summary_path: str | Path | None = None) -> dict:
+    """Writes OUT/results.json, report.md, report.html and plots/; returns the results.json object."""
+    from vlsafe.eval.run import git_hash
+    from vlsafe.io import versions, write_json
+    from vlsafe.report import html, markdown, plots
+    from vlsafe.study import claims as claims_module
+
+    out = Path(out)
+    data = collect(out)
+    perceived = bool(data["legibility"]) and all(r.get("perceived") for r in data["legibility"].values())
+    config = {}
+    if (out / "study.yaml").is_file():
+        import yaml
+
+        config = yaml.safe_load((out / "study.yaml").read_text()) or {}
+    claims = claims_module.compute(grouped(data["outcomes"]), perceived, data["analysis"], config.get("margin", 0.05))
+    planned = [s["name"] for s in data["plan"]["stages"]]
+    results = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": git_hash(), "versions": versions(), "config": config, "config_file": data["plan"].get("config"),
+        "complete": all(n in data["records"] for n in planned), "failed": data["failed"],
+        "stages_done": len(data["records"]), "stages_planned": len(planned),
+        "seconds_by_stage": {n: r.get("seconds") for n, r in data["records"].items()},
+        "claims": claims,
+        "models": model_table(data),
+        "dynamics": dynamics(data),
+        "heldout": heldout(data),
+        "legibility": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in data["legibility"].items()},
+        "typo_perceived": perceived,
+        "judges": sorted({m["judge"] for m in data["models"].values() if m["judge"]}),
+        "lineage": lineage(data),
+        "examples": examples(data),
+    }
+    plot_files = plots.render_all(results, data, out / "plots")
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(markdown.render(results, plot_files, out))
+    (out / "report.html").write_text(html.render(results, plot_files))
+    if summary_path is not None:
+        from vlsafe.report.readme import write_summary
+
+        write_summary(results, summary_path)
+    return results

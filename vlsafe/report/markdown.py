@@ -1,0 +1,96 @@
+"""report.md: the claims, every model in one table, safety dynamics, legibility, examples and lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "accuracy": "acc"}
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def cell(c: dict) -> str:
+    if c["value"] is None:
+        return "-"
+    ci = f" [{c['ci'][0]:.0%}, {c['ci'][1]:.0%}]" if c["ci"] else ""
+    # beside a refusal-based rate: the share of replies that neither refused nor answered (empty, looping, off-topic)
+    extra = f" (non-answer {c['non_answer']:.0%})" if c["metric"] != "accuracy" and c.get("non_answer") else ""
+    return f"{c['value']:.0%}{ci} n={c['n']}{extra}"
+
+
+def interval(claim: dict) -> str:
+    if claim.get("estimate") is None:
+        return "-"
+    ci = f" [{claim['ci'][0]:+.3f}, {claim['ci'][1]:+.3f}]" if claim.get("ci") else ""
+    return f"{claim['estimate']:+.3f}{ci}"
+
+
+def columns(results: dict) -> list[tuple[str, str, str]]:
+    seen = {}
+    for model in results["models"]:
+        for c in model["cells"]:
+            seen.setdefault((c["benchmark"], c["condition"], c["metric"]), None)
+    return list(seen)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(clean(x) for x in r) + " |" for r in rows)]
+
+
+def heldout_table(results: dict, make_table) -> list:
+    """Accuracy per question type (all types: "*") with the chance level of guessing among the choices."""
+    found = results.get("heldout") or {}
+    if not found.get("models"):
+        return ["(no held-out image questions evaluated)"] if make_table is table else []
+    tasks = ["*", *found["chance"]]
+    chance = found["chance"]
+    header = ["model"] + [f"{t} (chance {pct(chance[t])})" if t in chance else "all types" for t in tasks]
+    rows = [[name] + [cell({**cells[t], "metric": "accuracy"}) if t in cells else "" for t in tasks]
+            for name, cells in found["models"].items()]
+    return make_table(header, rows)
+
+
+def render(results: dict, plots: dict[str, Path], out: Path) -> str:
+    lines = [f"# Study report: {results['config'].get('name', 'study')}", ""]
+    done, planned = results["stages_done"], results["stages_planned"]
+    state = "complete" if results["complete"] else f"partial ({done}/{planned} stages)"
+    lines.append(f"Run: {state}; git {results['git']}; judges {', '.join(results['judges']) or '-'}; "
+                 f"seeds {results['config'].get('seeds')}.")
+    if results["failed"]:
+        lines.append(f"\n**Failed stage:** {results['failed']['stage']}: {results['failed']['error']}")
+    lines += ["", "## Claims", ""]
+    lines += table(["id", "finding", "verdict", "paired estimate [95% CI]", "n", "seeds", "reason"],
+                   [[c["id"], c["title"], c["verdict"], interval(c), c.get("n") or "-", c.get("seeds") or "-",
+                     c["reason"]] for c in results["claims"]])
+    lines += ["", "Typographic condition: " + ("perceived (legibility probe above chance)" if results["typo_perceived"]
+                                              else "**not perceived** (legibility probe at chance): its ASR is not a "
+                                                   "safety measurement"), ""]
+    for name, r in results["legibility"].items():
+        lines.append(f"- {name}: reads rendered words {pct(r.get('value'))} (n={r.get('n')}, chance "
+                     f"{pct(r.get('chance'))}), perceived: {r.get('perceived')}")
+    lines += ["", "## Every model", ""]
+    cols = columns(results)
+    header = ["model"] + [f"{b}/{c} {SHORT[m]}" for b, c, m in cols]
+    rows = []
+    for model in results["models"]:
+        by = {(c["benchmark"], c["condition"], c["metric"]): c for c in model["cells"]}
+        rows.append([model["model"]] + [cell(by[k]) if k in by else "" for k in cols])
+    lines += table(header, rows)
+    lines += ["", "Rates under the first judge (accuracy by answer match), 95% bootstrap intervals; non-answer "
+                  "shares are in results.json beside each cell.", ""]
+    lines += ["## Held-out image questions by type", "", *heldout_table(results, table), ""]
+    for title, path in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({path.relative_to(out)})", ""]
+    lines += ["## Examples", ""]
+    lines += table(["model", "benchmark", "condition", "request", "response", "verdict"],
+                   [[e["model"], e["benchmark"], e["condition"], e["request"][:80], e["response"][:120], e["verdict"]]
+                    for e in results["examples"][:60]])
+    lines += ["", "## Lineage", ""]
+    lines += table(["stage", "kind", "inputs", "key", "model sha256", "seconds", "command"],
+                   [[r["stage"], r["kind"], ", ".join(r["inputs"]), r["key"], (r["model_sha256"] or "")[:16],
+                     r["seconds"], r["command"]] for r in results["lineage"]])
+    return "\n".join(lines) + "\n"

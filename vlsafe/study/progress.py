@@ -1,0 +1,48 @@
+"""The study's progress line: which stage, how many are done, and an ETA from the cost model corrected by what
+the finished stages actually took (training stages show their own step bar below it)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class StudyProgress:
+    def __init__(self, stages: list, quiet: bool = False):
+        self.total = len(stages)
+        self.remaining = {s.name: s.cost_s for s in stages}
+        self.estimated_done = 0.0
+        self.actual_done = 0.0
+        self.done = 0
+        self.console = Console(stderr=True, quiet=quiet)
+        self.began = time.time()
+
+    def _eta(self) -> float:
+        # the ratio of measured to estimated time so far scales what is left
+        ratio = self.actual_done / self.estimated_done if self.estimated_done > 1 else 1.0
+        return sum(self.remaining.values()) * ratio
+
+    def start(self, stage) -> None:
+        self.console.print(f"[bold][{self.done + 1}/{self.total}][/bold] {stage.name} ({stage.kind}, est. "
+                           f"{_clock(stage.cost_s)}; study ETA {_clock(self._eta())})")
+
+    def skip(self, stage) -> None:
+        self.remaining.pop(stage.name, None)
+        self.done += 1
+
+    def finish(self, stage, seconds: float) -> None:
+        self.estimated_done += self.remaining.pop(stage.name, 0.0)
+        self.actual_done += seconds
+        self.done += 1
+        self.console.print(f"      {stage.name} done in {_clock(seconds)}")
+
+    def summary(self, skipped: int) -> None:
+        self.console.print(f"study: {self.done - skipped} stage(s) run, {skipped} reused, "
+                           f"{_clock(time.time() - self.began)} wall")

@@ -1,0 +1,110 @@
+"""`vlsafe study`: plan the DAG, check every input, run what is not done yet, then claims and report.
+
+Layout of OUT:
+  study.yaml           the resolved config as run
+  plan.json            every stage: kind, inputs, key, estimated seconds, command
+  stages/NAME/         each stage's output, with stage.json (written last: the stage is finished)
+  cache/eval.sqlite    generations and verdicts, shared by every stage (a resumed eval regenerates nothing)
+  results.json, report.md, report.html, plots/     written by `vlsafe report` at the end (vlsafe/report)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from vlsafe.errors import VlsafeError
+from vlsafe.study.config import StudyConfig, load_study
+from vlsafe.study.dag import Lock, Stage, fingerprint, finished, run_stage
+from vlsafe.study.plan import Plan, build_plan
+
+
+def _fingerprint_or_missing(path: str) -> str:
+    return fingerprint(path) if Path(path).exists() else "missing"
+
+
+def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
+    """The DAG as text: one line per stage with its inputs, estimated cost and whether it is done."""
+    from vlsafe.study.progress import _clock
+
+    lines, total = [], 0.0
+    width = max(len(s.name) for s in ordered)
+    for stage in ordered:
+        state = ""
+        if out is not None:
+            state = "done" if finished(out, stage) else "todo"
+            if state == "todo":
+                total += stage.cost_s
+        else:
+            total += stage.cost_s
+        inputs = ", ".join(stage.inputs) or "-"
+        lines.append(f"  {stage.name:<{width}}  {stage.kind:<12} {_clock(stage.cost_s):>8}  {state:<4}  <- {inputs}")
+    lines.append(f"  {len(ordered)} stages; estimated {_clock(total)} to run (cost model: vlsafe/study/dag.py)")
+    return "\n".join(lines)
+
+
+def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyConfig, Plan, list[Stage], Path]:
+    config, source = load_study(config_path, profile)
+    plan = build_plan(config, str(source))
+    ordered = plan.dag.assign_keys(_fingerprint_or_missing)
+    return config, plan, ordered, source
+
+
+def run_study(config_path: str | Path | None = None, profile: str | None = None, out: str | Path = "runs/study",
+              dry_run: bool = False, log: Callable[[str], Any] = print, show_progress: bool = True) -> dict:
+    """Runs (or resumes) the study into OUT and writes its report; returns the summary results.json (dry run:
+    the plan)."""
+    import yaml
+
+    from vlsafe.io import write_json
+    from vlsafe.study.progress import StudyProgress
+    from vlsafe.study.stages import Context, runner
+
+    out = Path(out)
+    config, plan, ordered, source = prepare(config_path, profile)
+    if dry_run:
+        log(f"study {config.name!r} from {source}: {len(ordered)} stages")
+        log(describe(plan, ordered, out if out.is_dir() else None))
+        if plan.missing:
+            raise VlsafeError("\n".join(f"missing input: {line}" for line in plan.missing))
+        return {"stages": [s.name for s in ordered], "estimated_seconds": sum(s.cost_s for s in ordered)}
+    if plan.missing:
+        raise VlsafeError("\n".join(f"missing input: {line}" for line in plan.missing))
+    with Lock(out):
+        (out / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        write_json(out / "plan.json", {"config": str(source), "stages": [
+            {"name": s.name, "kind": s.kind, "inputs": s.inputs, "key": s.key, "estimated_seconds": round(s.cost_s, 1),
+             "command": s.command} for s in ordered], "models": plan.models})
+        (out / "failed.json").unlink(missing_ok=True)
+        ctx = Context(out, log=log, show_progress=show_progress)
+        progress = StudyProgress(ordered, quiet=not show_progress)
+        skipped = 0
+        for stage in ordered:
+            record = finished(out, stage)
+            if record is not None:
+                ctx.records[stage.name] = record
+                progress.skip(stage)
+                skipped += 1
+                continue
+            progress.start(stage)
+            record = run_stage(out, stage, runner(ctx, stage.kind, stage.config))
+            ctx.records[stage.name] = record
+            progress.finish(stage, record["seconds"])
+        progress.summary(skipped)
+        from vlsafe.report.build import build_report
+
+        summary = build_report(out)
+    summary["reused_stages"] = skipped
+    return summary
+
+
+def load_records(out: Path) -> dict[str, dict]:
+    """stage.json of every finished stage of a study folder (partial runs included)."""
+    records = {}
+    for path in sorted((out / "stages").glob("*/stage.json")):
+        try:
+            records[path.parent.name] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+    return records
