@@ -24,7 +24,7 @@ def test_study_evaluates_llm_and_vlm0_through_eval_and_the_vlm_reads_text_like_i
     summary = run_baseline(out, config, log=printed.append)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(summary))
     runs = {key: json.loads((out / key / "results.json").read_text()) for key in ("llm", "vlm0")}
-    assert all((r["schema"], r["schema_version"]) == ("vlsafe.eval", 2) for r in runs.values())
+    assert all((r["schema"], r["schema_version"]) == ("vlsafe.eval", 3) for r in runs.values())
     # the study's options are the suite each run records; the summary's rows are the runs' own headline rows
     entries = {e["benchmark"]: e["sample"] for e in runs["llm"]["suite"]["entries"]}
     assert entries["harmbench"] == entries["strongreject"] == entries["overrefusal"] == 3
