@@ -21,7 +21,7 @@ from vlsafe.eval.judges.base import VERDICTS
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "judge_data"
 PROJECT_FILE = DATA_DIR / "refusal_labels.jsonl"
-PROJECT_SHA256 = "d36d64f677b00f937b81763ab21508502c31a9d54d8764389eb8014bc150f6ee"
+PROJECT_SHA256 = "b80b37b8d900db5beec1bd8c9237278afd86c0e6996f5a255f7eeba5b9efb25a"
 # pyrit rows scored 1 whose response answers a different question (read one by one): non-answers, not refusals
 PYRIT_OFF_TOPIC = {f"pyrit-{n}" for n in (*range(59, 69), 72, 81)} | {f"pyrit_extra-{n}" for n in range(33, 63)}
 
