@@ -19,6 +19,7 @@ import numpy as np
 from vlsafe.errors import VlsafeError
 from vlsafe.eval.judges import labelled
 from vlsafe.eval.judges.learned import CLASSIFIER_FILE, VARIANTS, fit, verdicts
+from vlsafe.eval.judges.patterns import PatternJudge
 
 
 def _predict_held_out(rows, embedder, key, seed: int) -> dict[str, list[str]]:
@@ -54,9 +55,7 @@ def _agreement(rows, predicted: dict[str, list[str]], key) -> dict:
     return report
 
 
-def evaluate(rows, embedder, seed: int = 0, log=print) -> dict:
-    from vlsafe.eval.judges import PatternJudge
-
+def evaluate(rows, embedder, seed: int = 0) -> dict:
     patterns = PatternJudge()
     pattern_said = [patterns.judge(r.prompt, r.response).verdict for r in rows]
     said = {**_predict_held_out(rows, embedder, lambda r: r.source, seed), "refusal-patterns": pattern_said}
@@ -76,7 +75,7 @@ def train(out: str | Path | None = None, seed: int = 0, log=print) -> dict:
     rows = labelled.all_rows()
     embedder = get_embedder()
     log(f"embedding and fitting on {len(rows)} labelled rows (embeddings are cached after the first run)")
-    measured = evaluate(rows, embedder, seed, log)
+    measured = evaluate(rows, embedder, seed)
     model = fit(rows, embedder, seed)
     count = lambda field: dict(sorted(Counter(getattr(r, field) for r in rows).items()))  # noqa: E731
     model.update({
