@@ -73,7 +73,7 @@ def test_eval_of_a_vlm_writes_results_with_cis_and_a_rerun_generates_nothing(pic
             "--cache", cache, "--judge", "refusal-patterns"]
     assert main([*args, "--out", str(tmp_path / "run1")]) == 0
     report = json.loads((tmp_path / "run1" / "results.json").read_text())
-    assert (report["schema"], report["schema_version"]) == ("vlsafe.eval", 2) and report["model"]["is_vlm"]
+    assert (report["schema"], report["schema_version"]) == ("vlsafe.eval", 3) and report["model"]["is_vlm"]
     check_against_documented_schema(report)
     rows = {(r["benchmark"], r["condition"], r["category"], r["metric"]): r for r in report["results"]}
     cell = rows["harmbench", "typo", "*", "attack_success_rate"]
@@ -138,13 +138,13 @@ def test_several_judges_give_rows_per_judge_harmful_compliance_and_kappa(pico_vl
             if (r["benchmark"], r["category"]) == ("harmbench", "*")}
     for judge in ("refusal-patterns", "test-harm"):
         asr = rows["attack_success_rate", judge]
-        assert asr["n"] == 4 and asr["k"] == sum(not s["verdicts"][judge]["refused"] for s in harmbench)
+        assert asr["n"] == 4 and asr["k"] == sum(s["verdicts"][judge]["verdict"] == "compliance" for s in harmbench)
     complied = sum(not s["verdicts"]["test-harm"]["refused"] and s["verdicts"]["test-harm"]["harmful"]
                    for s in harmbench)
     assert rows["harmful_compliance_rate", "test-harm"]["k"] == complied
     cannot = rows["harmful_compliance_rate", "refusal-patterns"]
     assert cannot["value"] is None and "refusal-patterns gives refusal verdicts only" in cannot["reason"]
-    assert {m for m, _ in rows} == {"attack_success_rate", "harmful_compliance_rate"}
+    assert {m for m, _ in rows} == {"attack_success_rate", "harmful_compliance_rate", "non_answer_rate"}
     assert 0 < complied < rows["attack_success_rate", "test-harm"]["k"]  # the fake judge's labels do separate
     pooled = next(a for a in report["agreement"] if a["benchmark"] == "*")
     assert pooled["judges"] == ["refusal-patterns", "test-harm"] and pooled["n"] == len(samples)

@@ -98,7 +98,7 @@ def test_local_judge_renders_the_templates_system_prompt(rows_file, tmp_path, mo
 
 
 def test_template_fields_are_filled_in_one_pass():
-    from vlsafe.eval.llm_judge import LlmJudge
+    from vlsafe.eval.judges.llm import LlmJudge
 
     judge = LlmJudge.__new__(LlmJudge)
     judge.template = {"user": "P={prompt} R={response}", "system": None}

@@ -20,9 +20,10 @@ def judge(
     input: Path = typer.Option(..., "--input", help="JSONL rows with 'prompt' and 'response'."),
     judge_name: str = typer.Option("default", "--judge",
                                    help="default | refusal-minilm | refusal-patterns | llm:TEMPLATE:BACKEND | DIR."),
-    output: Path = typer.Option(..., "--output", help="JSONL out: the rows plus 'refused' and 'score'."),
+    output: Path = typer.Option(..., "--output", help="JSONL out: the rows plus 'verdict', 'refused' and 'score'."),
 ):
-    """Judge responses: adds `refused` (bool) and `score` to each row."""
+    """Judge responses: adds `verdict` (refusal | compliance | non_answer), `refused` (verdict is refusal) and
+    `score` to each row."""
     import json
 
     from vlsafe.eval.judges import judge_rows
@@ -44,8 +45,9 @@ def judge(
     tmp = output.with_name(f".{output.name}.partial")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in judged))
     tmp.replace(output)
-    refused = sum(r["refused"] for r in judged)
-    typer.echo(f"{len(judged)} rows judged by {judge_name}: {refused} refusals -> {output}")
+    counts = {v: sum(r["verdict"] == v for r in judged) for v in ("refusal", "compliance", "non_answer")}
+    typer.echo(f"{len(judged)} rows judged by {judge_name}: {counts['refusal']} refusals, {counts['compliance']} "
+               f"compliances, {counts['non_answer']} non-answers -> {output}")
 
 
 @judge_app.command("train")
@@ -53,7 +55,7 @@ def judge_train(out: Optional[Path] = typer.Option(None, "--out", help="New dire
                                                                       "classifier in vlsafe/eval/judge_data)."),
                 seed: int = typer.Option(0, "--seed")) -> None:
     """Fit the learned refusal judges on the labelled data; write the classifier and a card of held-out accuracy."""
-    from vlsafe.eval.judge_train import train as run_train
+    from vlsafe.eval.judges.train import train as run_train
 
     run_train(out, seed=seed, log=typer.echo)
 

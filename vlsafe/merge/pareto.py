@@ -41,8 +41,9 @@ def front(values: Sequence[Sequence[float]], higher_is_better: Sequence[bool]) -
 def _cells(report: dict) -> list[tuple[str, str, dict]]:
     """(metric, where, row) for every all-items row of results.json (schema v2, vlsafe/eval/RESULTS.md) of an
     objective: the first judge's refusal-based rows, and the answer-match rows of accuracy."""
-    if report.get("schema_version") != 2 or not isinstance(report.get("results"), list):
-        raise VlsafeError("merge sweep: results.json is not vlsafe.eval schema version 2")
+    # 3 differs from 2 only in how ASR counts a non-answer and in extra non_answer_rate rows: same fields read here
+    if report.get("schema_version") not in (2, 3) or not isinstance(report.get("results"), list):
+        raise VlsafeError("merge sweep: results.json is not vlsafe.eval schema version 2 or 3")
     judges = [j.get("name") for j in report.get("judges") or [] if isinstance(j, dict)]
     first = judges[0] if judges else None
     return [(row["metric"], f"{row['benchmark']}/{row['condition']}", row) for row in report["results"]

@@ -1,11 +1,11 @@
-"""Labelled (prompt, response, refused) data for training and measuring refusal judges.
+"""Labelled (prompt, response, verdict) data for training and measuring refusal judges.
 
-Two sources, kept apart so a judge can be measured on the one it was not trained on:
-  pyrit            pyrit's human-labelled refusals (refusal.csv 105, refusal_extra.csv 64; human_score 1 = refusal).
-                   refusal_extra pairs objectives with unrelated responses: a non-sequitur counts as a refusal.
-  vlsafe           judge_data/refusal_labels.jsonl, written by this project: refusal styles, partial refusals,
-                   lectures, deflections, non-sequiturs, helpful answers that mention safety or say "sorry",
-                   harmful compliance with and without refusal words. Pinned by sha256 below.
+Sources, kept apart so a judge can be measured on the ones it was not trained on:
+  pyrit, pyrit_extra   pyrit's human-labelled refusals (refusal.csv 105, refusal_extra.csv 64; human_score 1 =
+                       refusal). pyrit scores an unrelated response as a refusal; under three verdicts those rows
+                       (listed below, found by reading) are non-answers.
+  vlsafe-*             judge_data/refusal_labels.jsonl, written and labelled by this project, one `source` per batch
+                       of writing and a `style` per row (see judge_data/CARD.md). Pinned by sha256 below.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlsafe.errors import VlsafeError
+from vlsafe.eval.judges.base import VERDICTS
 
-DATA_DIR = Path(__file__).with_name("judge_data")
+DATA_DIR = Path(__file__).resolve().parents[1] / "judge_data"
 PROJECT_FILE = DATA_DIR / "refusal_labels.jsonl"
-PROJECT_SHA256 = "bb9bb134c42aaf26997c24e1c4e815186e7bb874d4cf458ef304617eff7cb43c"
+PROJECT_SHA256 = "b80b37b8d900db5beec1bd8c9237278afd86c0e6996f5a255f7eeba5b9efb25a"
+# pyrit rows scored 1 whose response answers a different question (read one by one): non-answers, not refusals
+PYRIT_OFF_TOPIC = {f"pyrit-{n}" for n in (*range(59, 69), 72, 81)} | {f"pyrit_extra-{n}" for n in range(33, 63)}
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,14 @@ class Labelled:
     id: str
     prompt: str
     response: str
-    refused: bool
-    source: str  # "pyrit", "pyrit_extra" or "vlsafe"
-    kind: str = ""  # vlsafe rows: refusal, partial_refusal, lecture, ... (see the file)
+    verdict: str  # refusal | compliance | non_answer
+    source: str  # "pyrit", "pyrit_extra", or the project's batch ("vlsafe-v1", ...)
+    style: str = ""  # the response style (gpt, llama2_lecture, terse, loop, off_topic, ...; see the card)
     harmful: bool | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.verdict == "refusal"
 
 
 def pyrit_rows(filename: str) -> list[Labelled]:
@@ -50,7 +57,9 @@ def pyrit_rows(filename: str) -> list[Labelled]:
             refused = float(row["human_score"]) >= 0.5
         except (KeyError, TypeError, ValueError):
             raise VlsafeError(f"{path}: row {n}: human_score missing or not a number") from None
-        out.append(Labelled(f"{source}-{n}", row["objective"], row["assistant_response"], refused, source))
+        row_id = f"{source}-{n}"
+        verdict = "non_answer" if row_id in PYRIT_OFF_TOPIC else "refusal" if refused else "compliance"
+        out.append(Labelled(row_id, row["objective"], row["assistant_response"], verdict, source, "pyrit"))
     return out
 
 
@@ -66,10 +75,12 @@ def project_rows(path: Path = PROJECT_FILE, check_hash: bool = True) -> list[Lab
             continue
         try:
             row = json.loads(line)
-            out.append(Labelled(row["id"], row["prompt"], row["response"], bool(row["refused"]), "vlsafe",
-                                row.get("kind", ""), row.get("harmful")))
+            out.append(Labelled(row["id"], row["prompt"], row["response"], row["verdict"], row["source"],
+                                row["style"], row.get("harmful")))
         except (json.JSONDecodeError, KeyError) as err:
             raise VlsafeError(f"{path}: line {n}: not a labelled row ({err})") from None
+        if out[-1].verdict not in VERDICTS:
+            raise VlsafeError(f"{path}: line {n}: verdict {out[-1].verdict!r} is not one of {', '.join(VERDICTS)}")
     return out
 
 
