@@ -61,7 +61,9 @@ def load_suite(name: str) -> tuple[str, Suite]:
         known = ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml")))
         raise VlsafeError(f"unknown suite {name!r} (known: {known}; or a path to a suite .yaml)")
     try:
-        return path.stem, Suite.model_validate(yaml.safe_load(path.read_text()))
+        return path.stem, Suite.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as err:
+        raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except (ValidationError, yaml.YAMLError) as err:
         raise VlsafeError(f"{path}: not a valid suite ({str(err).splitlines()[0]})") from None
 
