@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import tempfile
@@ -38,6 +39,22 @@ def _write_error(target: Path, err: OSError) -> VlsafeError:
     return VlsafeError(f"{target}: cannot write output: {err.strerror or err}{where}; nothing was written there")
 
 
+def _remove_stale_partials(target: Path) -> None:
+    """Temp folders of earlier writers of `target` that were killed (kill -9 runs no cleanup): the temp name
+    carries the writer's pid, and a folder whose writer is gone is removed; a live writer's is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^.]+\.partial$")
+    for sibling in target.parent.iterdir():
+        match = pattern.match(sibling.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(sibling, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's) or not a pid: leave it
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False):
     """Yields a temp directory beside `target`; renames it to `target` only if the block completes.
@@ -50,7 +67,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
         raise VlsafeError(f"{target}: output path exists (choose a new one)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        _remove_stale_partials(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     except OSError as err:
         raise _write_error(target, err) from None
     try:

@@ -68,6 +68,14 @@ def load_suite(name: str) -> tuple[str, Suite]:
         raise VlsafeError(f"{path}: not a valid suite ({str(err).splitlines()[0]})") from None
 
 
+def _shown_image(image: str | None, tmp: Path) -> str | None:
+    """An image rendered into the output folder is recorded relative to it ("images/<hash>.png"): its absolute
+    path is the temp folder's, which is renamed away when the evaluation completes."""
+    if image is not None and Path(image).is_relative_to(tmp):
+        return Path(image).relative_to(tmp).as_posix()
+    return image
+
+
 def _sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
     prompts = sorted(prompts, key=lambda p: p.id)  # sampling must not depend on file order
     return prompts if n is None or n >= len(prompts) else random.Random(seed).sample(prompts, n)
@@ -165,7 +173,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
                     item_ids.append(f"{entry.benchmark}/{condition}/{prompt.id}")
                     samples.append({"benchmark": entry.benchmark, "condition": condition, "id": prompt.id,
                                     "category": prompt.category, "label": prompt.label, "prompt": prompt.text,
-                                    "request": prompt.meta.get("request", prompt.text), "image": prompt.image,
+                                    "request": prompt.meta.get("request", prompt.text), "image": _shown_image(prompt.image, tmp),
                                     "answer": prompt.answer, "response": response, "metric": metric,
                                     **({"correct": item["correct"]} if "correct" in item else {}),
                                     "verdicts": item["verdicts"]})
