@@ -104,7 +104,10 @@ def campaign(case: KillCase, root: Path, kills: int, seed: int, reference: Path 
     if reference is None:
         reference = root / "reference"
         reference.mkdir(parents=True)
-    wall = run_to_end(case, reference) if not (reference / case.done).exists() else 20.0
+    timing = reference / ".wall-seconds"  # the reference run's duration: kill times are drawn within it
+    if not (reference / case.done).exists():
+        timing.write_text(str(run_to_end(case, reference)))
+    wall = float(timing.read_text())
     folder = root / f"killed-{seed}"
     folder.mkdir(parents=True)
     result = Campaign()
