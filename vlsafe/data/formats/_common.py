@@ -234,6 +234,6 @@ def multiple_choice_text(question: str, options: dict[str, str], hint: str = "")
 
 def cache_dir() -> Path:
     """Where decoded images go when the caller names no directory (VLSAFE_CACHE, else ~/.cache/vlsafe)."""
-    import os
+    from vlsafe.io import cache_dir as vlsafe_cache
 
-    return Path(os.environ.get("VLSAFE_CACHE") or Path.home() / ".cache" / "vlsafe")
+    return vlsafe_cache()
