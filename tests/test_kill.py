@@ -100,4 +100,5 @@ def test_killed_runs_finish_with_the_results_of_an_uninterrupted_run(command, wo
         result = campaign(case, tmp_path / command, KILLS, seed, reference)
         reference = tmp_path / command / "reference"
         total += result.kills
+    assert total >= 1, f"{command}: every run finished before its kill time; nothing was tested"
     print(f"{command}: {total} SIGKILLs survived over seeds {SEEDS}")
