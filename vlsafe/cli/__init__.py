@@ -27,7 +27,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
         status = app(args=argv, prog_name="vlsafe", standalone_mode=False)
     except VlsafeError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {_one_line(str(err))}", err=True)
         return 2
     except click.exceptions.Exit as done:
         return done.exit_code
@@ -38,6 +38,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         typer.echo(f"error: {err.format_message()}", err=True)
         return 2
     return status if isinstance(status, int) else 0
+
+
+def _one_line(text: str) -> str:
+    """Control characters from a bad file (a newline or vertical tab in a CSV header) escaped, so the message
+    stays the one line scripts and users rely on."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def run() -> None:

@@ -33,7 +33,11 @@ def judge(
     if output.exists():
         raise VlsafeError(f"{output}: output path exists (choose a new one)")
     rows = []
-    for n, line in enumerate(input.read_text().splitlines(), 1):
+    try:
+        text = input.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise VlsafeError(f"{input}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

@@ -80,13 +80,23 @@ def load_suite(name: str) -> tuple[str, Suite]:
         known = ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml")))
         raise VlsafeError(f"unknown suite {name!r} (known: {known}; or a path to a suite .yaml)")
     try:
-        return path.stem, Suite.model_validate(yaml.safe_load(path.read_text()))
+        return path.stem, Suite.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as err:
+        raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise VlsafeError(f"{path}: not a valid suite ({str(err).splitlines()[0]})") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "suite"
         raise VlsafeError(f"{path}: not a valid suite ({where}: {first['msg']})") from None
+
+
+def _shown_image(image: str | None, tmp: Path) -> str | None:
+    """An image rendered into the output folder is recorded relative to it ("images/<hash>.png"): its absolute
+    path is the temp folder's, which is renamed away when the evaluation completes."""
+    if image is not None and Path(image).is_relative_to(tmp):
+        return Path(image).relative_to(tmp).as_posix()
+    return image
 
 
 def _sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
@@ -245,7 +255,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
                     item_ids.append(f"{entry.name}/{condition}/{prompt.id}")
                     samples.append({"benchmark": entry.name, "condition": condition, "id": prompt.id,
                                     "category": prompt.category, "label": prompt.label, "prompt": prompt.text,
-                                    "request": prompt.meta.get("request", prompt.text), "image": prompt.image,
+                                    "request": prompt.meta.get("request", prompt.text), "image": _shown_image(prompt.image, tmp),
                                     "answer": prompt.answer, "response": response, "metric": metric,
                                     **({"correct": item["correct"]} if "correct" in item else {}),
                                     "verdicts": item["verdicts"]})

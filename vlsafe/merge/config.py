@@ -221,7 +221,9 @@ def load(path: str | Path) -> MergeConfig:
     if not path.is_file():
         raise VlsafeError(f"{path}: merge config not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise VlsafeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse(data, str(path))

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from vlsafe.errors import VlsafeError
+from vlsafe.io import verify_model_dir
 from vlsafe.merge import layout as layouts
 from vlsafe.merge.config import DTYPES, MergeConfig, coerce, evaluate
 from vlsafe.merge.shards import TensorInfo, read_index
@@ -86,6 +87,7 @@ def resolve_model(ref: str, config_dir: Optional[Path]) -> Path:
 
 def load_input(ref: str, config_dir: Optional[Path]) -> Input:
     path = resolve_model(ref, config_dir)
+    verify_model_dir(path)  # whole weight files matching their recorded content hash, before any tensor is read
     tensors = read_index(path)
     layout = layouts.detect(tensors, f"model {ref!r} ({path})")
     canonical = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vlsafe.errors import VlsafeError
-from vlsafe.io import atomic_dir, sha256_file, versions, write_json
+from vlsafe.io import atomic_dir, verify_model_dir, versions, weights_content_hash, write_json
 from vlsafe.model.chat import IMAGE_TOKEN, ChatFormatter
 from vlsafe.model.vlm import VisionLanguageModel, VlmConfig, register
 
@@ -78,15 +78,9 @@ def build_vlm(llm: str, tower: str, projector: str = "mlp2x_gelu", feature_layer
 
 
 def content_hash(path: str | Path) -> str:
-    """sha256 over the weight files of a checkpoint: what the evaluation cache keys generations by."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise VlsafeError(f"{path}: no .safetensors weights")
-    digest = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
-    import hashlib
-
-    return hashlib.sha256(digest.encode()).hexdigest()
+    """sha256 over the weight files of a checkpoint: what the evaluation cache keys generations by. Each file's
+    hash is remembered by (path, size, mtime) in the cache, so checking a checkpoint again costs a stat."""
+    return weights_content_hash(path)
 
 
 def save(bundle: Bundle, out: str | Path, provenance: dict | None = None, overwrite: bool = False) -> Path:
@@ -110,6 +104,8 @@ def load(spec: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code
 
     path = Path(spec)
     config_file = path / "config.json"
+    if path.is_dir():
+        verify_model_dir(path)  # whole files, and the content hash vlsafe.json recorded, before anything loads
     if path.is_dir() and config_file.is_file():
         try:
             model_type = json.loads(config_file.read_text()).get("model_type")

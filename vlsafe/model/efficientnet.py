@@ -7,7 +7,10 @@ feature map, 1280 x 7 x 7 at 224 x 224, i.e. 49 visual tokens. A test checks equ
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,15 +101,54 @@ class EfficientNetLite0(nn.Module):
         return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
 
 
+def imagenet_safetensors(pth: Path) -> Path:
+    """The shipped .pth converted once into safetensors in the vlsafe cache; later loads read no pickle at all.
+
+    The conversion is named by the .pth's sha256 and records its own sha256 beside it, checked on every use (a
+    stat when unchanged), so a damaged or swapped cache file is rebuilt rather than trusted.
+    """
+    from safetensors.torch import save_file
+
+    from vlsafe.io import cache_dir, sha256_file_memo, write_json
+
+    pth = Path(pth)
+    source = sha256_file_memo(pth)
+    target = cache_dir() / "towers" / f"efficientnet-lite0-{source[:16]}.safetensors"
+    record = target.with_suffix(".json")
+    try:
+        meta = json.loads(record.read_text())
+        if meta.get("source_sha256") == source and sha256_file_memo(target) == meta.get("sha256"):
+            return target
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged: convert again
+    # the one read of the pickle-based file, with the restricted unpickler (tensors only, never arbitrary objects)
+    state = torch.load(pth, map_location="cpu", weights_only=True)
+    state = {k: v.contiguous() for k, v in state.items() if not k.startswith("_fc.")}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata={"source": pth.name, "source_sha256": source})
+    os.replace(tmp, target)
+    write_json(record, {"source": str(pth), "source_sha256": source, "sha256": sha256_file_memo(target)})
+    return target
+
+
 def load_imagenet_state(module: EfficientNetLite0, path) -> None:
-    """Loads the shipped ImageNet checkpoint (tensors only: weights_only=True, never unpickle)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Loads the ImageNet weights: a .pth is converted to safetensors in the cache first (see above)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from vlsafe.errors import VlsafeError
+
+    path = Path(path)
+    weights = imagenet_safetensors(path) if path.suffix in (".pth", ".pt") else path
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise VlsafeError(f"{weights}: not a readable safetensors file ({err})") from None
     state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
     missing, unexpected = module.load_state_dict(state, strict=False)
     # num_batches_tracked buffers are the only keys allowed to differ
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        from vlsafe.errors import VlsafeError
-
         raise VlsafeError(f"{path}: not an EfficientNet-Lite0 checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")

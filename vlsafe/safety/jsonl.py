@@ -33,7 +33,8 @@ def load(path: str | Path, image_root: str | Path | None = None, *, skip_bad: bo
         if image is not None:
             if not isinstance(image, str) or not image:
                 raise VlsafeError(f"{where}: field 'image' should be a path")
-            record = {**record, "image": resolve_image(image, roots, where)}
+            # vlsafe wrote this file: its images may sit in a sibling run folder (../synth/images/...)
+            record = {**record, "image": resolve_image(image, roots, where, contained=False)}
             if verify_images:
                 check_image(record["image"], where)
         if "chosen" in record:

@@ -43,7 +43,15 @@ def loader(name: str) -> Callable:
 
 def load(name: str, path: str | Path, image_root: str | Path | None = None, **options) -> list:
     """Every record of `path` in format `name`, validated; bad input raises one VlsafeError line."""
-    return loader(name)(path, image_root=image_root, **options)
+    from pydantic import ValidationError
+
+    try:
+        return loader(name)(path, image_root=image_root, **options)
+    except ValidationError as err:  # a field of the wrong type reached a record model: still one line
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "record"
+        raise VlsafeError(f"{path}: a record's field {field!r}: {first['msg']} "
+                          f"(got {str(first.get('input'))[:60]!r})") from None
 
 
 def summarize(records: list) -> dict:

@@ -47,20 +47,21 @@ def read_json_records(path: Path) -> Iterator[tuple[int, str, dict]]:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yields (line number, object) for every non-blank line."""
     try:
-        handle = open(path, encoding="utf-8")
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON string
     except FileNotFoundError:
         raise VlsafeError(f"{path}: no such file") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise VlsafeError(f"{path}: line {number}: malformed JSON: {err.msg}") from None
-            if not isinstance(obj, dict):
-                raise VlsafeError(f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+    except UnicodeDecodeError as err:
+        raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise VlsafeError(f"{path}: line {number}: malformed JSON: {err.msg}") from None
+        if not isinstance(obj, dict):
+            raise VlsafeError(f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
 
 
 def read_table(path: Path, required: tuple[str, ...], delimiter: str = ",",
@@ -89,6 +90,8 @@ def read_table(path: Path, required: tuple[str, ...], delimiter: str = ",",
         except csv.Error as err:
             raise VlsafeError(f"{path}: line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: "
                               f"{err}") from None
+        except UnicodeDecodeError as err:
+            raise VlsafeError(f"{path}: after line {reader.line_num}: not UTF-8 text ({err.reason})") from None
 
 
 # ------------------------------------------------------------------------------------------------------ fields
@@ -114,15 +117,35 @@ def optional(record: dict, name: str, default=""):
 
 
 # ------------------------------------------------------------------------------------------------------ images
-def resolve_image(name: str, roots: list[Path], where: str, try_suffixes: bool = False) -> str:
-    """The absolute path of an image named relative to one of `roots`, or a VlsafeError naming it."""
+def resolve_image(name: str, roots: list[Path], where: str, try_suffixes: bool = False,
+                  contained: bool = True) -> str:
+    """The absolute path of an image named relative to one of `roots`, or a VlsafeError naming it.
+
+    A data file is input from elsewhere, so by default (`contained`) its image paths may not leave the image
+    roots: absolute paths, '..' and an image file that is a symlink to somewhere outside are refused (otherwise
+    `../../etc/passwd` in a downloaded file makes vlsafe open any file). Symlinked *folders* are followed: LLaVA
+    set-ups link `coco/` to another disk. vlsafe's own record files, which place images relative to the file
+    and may point into a sibling run folder, pass `contained=False`: then only image files are accepted.
+    """
+    if not isinstance(name, str) or not name:
+        raise VlsafeError(f"{where}: image path should be a non-empty string, got {type(name).__name__}")
+    if "\x00" in name:
+        raise VlsafeError(f"{where}: image path {name!r} contains a NUL byte")
     candidate = Path(name)
+    if contained and (candidate.is_absolute() or ".." in candidate.parts):
+        raise VlsafeError(f"{where}: image path {name!r} leaves the data folder (absolute or '..'); refused")
     tries = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
     if try_suffixes and not candidate.suffix:
         tries += [t.with_name(t.name + suffix) for t in list(tries) for suffix in IMAGE_SUFFIXES]
     for path in tries:
         if path.is_file():
-            return str(path.resolve())
+            real = path.resolve()
+            if contained and path.is_symlink() and not any(
+                    real.is_relative_to(root.resolve()) for root in roots):
+                raise VlsafeError(f"{where}: image {name!r} is a link to {real}, outside the data folder; refused")
+            if not contained and real.suffix.lower() not in IMAGE_SUFFIXES:
+                raise VlsafeError(f"{where}: image {name!r} resolves to {real}, which is not an image file")
+            return str(real)
     searched = ", ".join(str(r) for r in roots) if not candidate.is_absolute() else "(absolute path)"
     raise VlsafeError(f"{where}: image {name!r} not found (searched {searched})")
 
@@ -211,6 +234,6 @@ def multiple_choice_text(question: str, options: dict[str, str], hint: str = "")
 
 def cache_dir() -> Path:
     """Where decoded images go when the caller names no directory (VLSAFE_CACHE, else ~/.cache/vlsafe)."""
-    import os
+    from vlsafe.io import cache_dir as vlsafe_cache
 
-    return Path(os.environ.get("VLSAFE_CACHE") or Path.home() / ".cache" / "vlsafe")
+    return vlsafe_cache()

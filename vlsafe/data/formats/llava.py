@@ -80,16 +80,19 @@ def check_image(path: str, where: str) -> None:
 def read_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for a JSON list or a JSON-lines file; `where` names the file, the record and its id."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{path}: line {number}", VlsafeError(f"{path}: line {number}: malformed JSON: {err.msg}")
-                    continue
-                yield _where(path, f"line {number}", record), record
+        try:
+            lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON string
+        except UnicodeDecodeError as err:
+            raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"{path}: line {number}", VlsafeError(f"{path}: line {number}: malformed JSON: {err.msg}")
+                continue
+            yield _where(path, f"line {number}", record), record
         return
     from vlsafe.data.formats._common import read_json
 
@@ -156,7 +159,7 @@ def _turns(conversations, where: str) -> tuple[list[Turn], str | None]:
             raise VlsafeError(f"{where}: turn {i} should be an object with a string 'value'")
         speaker, value = turn.get("from"), turn["value"]
         want = "human" if i % 2 == 0 else "gpt"
-        if speaker not in ROLES:
+        if not isinstance(speaker, str) or speaker not in ROLES:
             raise VlsafeError(f"{where}: turn {i} is from {speaker!r} (expected 'human' or 'gpt')")
         if speaker != want:
             raise VlsafeError(f"{where}: turn {i} is from {speaker!r}, expected {want!r} "

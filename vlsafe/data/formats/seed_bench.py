@@ -26,7 +26,10 @@ def load(path: str | Path = HUB_ID, image_root: str | Path | None = None) -> lis
     table = read_json(source)
     if not isinstance(table, dict) or not isinstance(table.get("questions"), list):
         raise VlsafeError(f"{source}: expected an object with a 'questions' list")
-    type_names = {int(v): k for k, v in (table.get("question_type") or {}).items() if str(v).isdigit()}
+    types = table.get("question_type") or {}
+    if not isinstance(types, dict):
+        raise VlsafeError(f"{source}: 'question_type' should be an object of name: id")
+    type_names = {int(v): k for k, v in types.items() if str(v).isdecimal()}
     roots = image_roots(source, image_root, "SEED-Bench-image")
     prompts = []
     for index, item in enumerate(table["questions"]):
@@ -40,6 +43,8 @@ def load(path: str | Path = HUB_ID, image_root: str | Path | None = None) -> lis
         answer = values["answer"].strip()
         if answer not in CHOICES:
             raise VlsafeError(f"{where}: field 'answer' is {answer!r} (expected A, B, C or D)")
+        if not values["question_type_id"].strip().isdecimal():
+            raise VlsafeError(f"{where}: field 'question_type_id' should be a whole number")
         type_id = int(values["question_type_id"])
         options = {letter: values[key] for letter, key in CHOICES.items()}
         prompts.append(Prompt(

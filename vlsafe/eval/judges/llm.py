@@ -21,6 +21,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def load_template(name: str, directory: Path = TEMPLATE_DIR) -> dict:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != TEMPLATE_SHA256[name]:
         raise VlsafeError(f"{path}: sha256 {digest[:12]}... differs from the pinned {TEMPLATE_SHA256[name][:12]}... "
-                          "(an edited judge prompt must be re-pinned in vlsafe/eval/llm_judge.py)")
+                          "(an edited judge prompt must be re-pinned in vlsafe/eval/judges/llm.py)")
     spec = yaml.safe_load(raw)
     spec["sha256"] = digest
     return spec
@@ -82,6 +83,37 @@ def parse(parser: str, answer: str) -> tuple[bool, bool | None]:
 
 
 # ------------------------------------------------------------------------------------------------------ backends
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to wherever the server points: refuse it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect refused ({msg})", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect())
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def redact(text: str) -> str:
+    """A URL (or a message holding one) without user:password@ and without its query string."""
+    text = re.sub(r"(https?://)[^/@\s]+@", r"\1", text)
+    return re.sub(r"(https?://[^\s?#]+)\?[^\s#]*", r"\1?...", text)
+
+
+def _api_key(url: str) -> str | None:
+    """The key for this endpoint, if any. $VLSAFE_JUDGE_API_KEY is meant for the configured judge;
+    $OPENAI_API_KEY only ever goes to api.openai.com (a user's OpenAI key must not reach a lab server). A key
+    is never sent in clear text over the network: plain http only to this machine."""
+    parsed = urllib.parse.urlsplit(url)
+    host = (parsed.hostname or "").lower()
+    key = os.environ.get("VLSAFE_JUDGE_API_KEY") or (os.environ.get("OPENAI_API_KEY")
+                                                     if host == "api.openai.com" else None)
+    if key and parsed.scheme != "https" and host not in LOOPBACK:
+        raise VlsafeError(f"judge endpoint {redact(url)}: refusing to send an API key over plain http to {host} "
+                          "(use https)")
+    return key
+
+
 class HttpBackend:
     """POST /chat/completions on an OpenAI-compatible server (vLLM, llama.cpp, TGI, OpenAI), greedy."""
 
@@ -92,9 +124,10 @@ class HttpBackend:
         retries = int(os.environ.get("VLSAFE_JUDGE_RETRIES", 3)) if retries is None else retries
         base, _, model = url.partition("#")
         self.url = base.rstrip("/") + "/chat/completions"
+        self.shown = redact(self.url)  # what errors and logs may say: never credentials inside the URL
         self.model = model or os.environ.get("VLSAFE_JUDGE_MODEL", "default")
-        self.key = os.environ.get("VLSAFE_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.key = _api_key(self.url)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, min(max(1, retries), 10), min(backoff_s, 30.0)
         self.version = f"http:{self.model}"
 
     def complete(self, messages_list: list[list[dict]]) -> list[str]:
@@ -109,20 +142,26 @@ class HttpBackend:
         for attempt in range(max(1, self.retries)):
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                with _OPENER.open(request, timeout=self.timeout_s) as reply:
                     payload = json.loads(reply.read())
-                return payload["choices"][0]["message"]["content"] or ""
+                content = payload["choices"][0]["message"]["content"] or ""
+                if not isinstance(content, str):
+                    raise TypeError("content is not text")
+                return content
             except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
+                last = f"HTTP {err.code}"  # never the body: a server may echo the request, key included
                 if err.code < 500 and err.code != 429:  # a client error will not heal on retry
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                last = str(getattr(err, "reason", err))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last = type(getattr(err, "reason", err)).__name__ + ": " + redact(str(getattr(err, "reason", err)))
             except (json.JSONDecodeError, KeyError, IndexError, TypeError):
                 last = "reply is not an OpenAI chat completion"
                 break
-            time.sleep(self.backoff_s * 2 ** attempt)
-        raise VlsafeError(f"judge endpoint {self.url}: {last} (after {attempt + 1} attempts)")
+            if attempt + 1 < self.retries:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        if self.key:
+            last = last.replace(self.key, "***")
+        raise VlsafeError(f"judge endpoint {self.shown}: {last} (after {attempt + 1} attempts)")
 
 
 class LocalBackend:
@@ -152,7 +191,7 @@ class LlmJudge:
     def __init__(self, template: str, backend: str):
         self.template = load_template(template)
         self.backend = HttpBackend(backend) if backend.startswith(("http://", "https://")) else LocalBackend(backend)
-        self.name = f"llm:{template}:{backend}"
+        self.name = f"llm:{template}:{redact(backend)}"  # recorded in results: no credentials
         self.version = hashlib.sha256(f"{self.template['sha256']}|{self.backend.version}|{SCHEME}".encode()
                                       ).hexdigest()[:16]
 

@@ -1,0 +1,153 @@
+"""Crash safety: run a real vlsafe command as a subprocess, SIGKILL it at seeded random moments, run the same
+command again, and check that the end result equals an uninterrupted run and that nothing looked complete before
+it was. Used by tests/test_kill.py (a few kills per command) and by `make test-long` (many).
+
+A command is data (`KillCase`): its argv, the path whose existence means "done", and how to compare two finished
+outputs. Adding one (e.g. `vlsafe study`) is one more `KillCase`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+# keys whose values differ between two runs of the same work (wall time, date, where the run lived)
+VOLATILE = {"date", "seconds", "git", "cache", "versions", "elapsed", "time", "timestamp", "created", "path", "out"}
+
+
+def strip_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: strip_volatile(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
+
+
+def same_json(a: Path, b: Path) -> None:
+    left, right = strip_volatile(json.loads(a.read_text())), strip_volatile(json.loads(b.read_text()))
+    assert left == right, f"{a} and {b} differ"
+
+
+def same_files(a: Path, b: Path, pattern: str) -> None:
+    names = sorted(p.relative_to(a) for p in a.glob(pattern))
+    assert names and names == sorted(p.relative_to(b) for p in b.glob(pattern)), (a, b, pattern)
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"
+
+
+@dataclass
+class KillCase:
+    name: str
+    argv: Callable[[Path], list[str]]  # vlsafe arguments, given the folder the run writes in
+    done: str  # relative path that exists only once the command finished (a results file, a final dir)
+    compare: Callable[[Path, Path], None]  # (reference run folder, killed-and-rerun folder) -> asserts
+    # after a kill, what may exist: anything under these names must be complete (== reference) or absent
+    outputs: tuple[str, ...] = ()
+    resumable: bool = False  # True: rerun into the same folder continues (train); False: only a complete
+    #                          output blocks a rerun, so a partial one must not be visible under its name
+    env: dict = field(default_factory=dict)
+
+
+def _env(extra: dict) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def run_to_end(case: KillCase, folder: Path, timeout: float = 300) -> float:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vlsafe.cli", *case.argv(folder)], env=_env(case.env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{case.name}: {done.stderr[-2000:]}"
+    return time.monotonic() - started
+
+
+def run_and_kill(case: KillCase, folder: Path, after: float) -> bool:
+    """Starts the command and SIGKILLs it `after` seconds in; True if it finished first."""
+    process = subprocess.Popen([sys.executable, "-m", "vlsafe.cli", *case.argv(folder)], env=_env(case.env),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        process.wait(timeout=after)
+        stderr = process.stderr.read().decode(errors="replace")
+        # finishing first is fine; failing is not (e.g. a rerun refusing what an earlier kill left)
+        assert process.returncode == 0, f"{case.name}: exit {process.returncode}: {stderr[-2000:]}"
+        return True
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return False
+    finally:
+        process.stderr.close()
+
+
+@dataclass
+class Campaign:
+    kills: int = 0  # SIGKILLs delivered
+    finished_early: int = 0  # runs that ended before their kill time
+
+
+def campaign(case: KillCase, root: Path, kills: int, seed: int, reference: Path | None = None) -> Campaign:
+    """A reference run; then runs of the same command SIGKILLed at seeded random times, each rerun in the same
+    folder, until `kills` kills were delivered; the last folder is run to the end. Every finished folder must
+    equal the reference, and none may keep a killed writer's temp folder."""
+    rng = random.Random(seed)
+    if reference is None:
+        reference = root / "reference"
+        reference.mkdir(parents=True)
+    timing = reference / ".wall-seconds"  # the reference run's duration: kill times are drawn within it
+    if not (reference / case.done).exists():
+        timing.write_text(str(run_to_end(case, reference)))
+    wall = float(timing.read_text())
+    result = Campaign()
+    runs, folder = 0, None
+    # a run that finishes before its kill time ends that folder's sequence; a fresh folder starts the next one,
+    # so short commands (a pico merge is mostly imports) still take `kills` SIGKILLs
+    for _ in range(3 * kills):
+        if result.kills >= kills:
+            break
+        if folder is None or (folder / case.done).exists():
+            if folder is not None:
+                case.compare(reference, folder)
+            folder = root / f"killed-{seed}-{runs}"
+            folder.mkdir(parents=True)
+            runs += 1
+        # before ~a third of the run only the imports happen; kill anywhere after that, up to the whole run
+        finished = run_and_kill(case, folder, after=rng.uniform(0.3, 0.95) * wall)
+        result.kills += not finished
+        result.finished_early += finished
+        check_nothing_looks_complete(case, reference, folder)
+    if folder is None:
+        folder = root / f"killed-{seed}-0"
+        folder.mkdir(parents=True)
+    if not (folder / case.done).exists():
+        run_to_end(case, folder)
+    case.compare(reference, folder)
+    # what killed runs left in temp folders is gone once the command has run to the end
+    leftovers = [p for p in root.glob(f"killed-{seed}-*/**/*.partial") if not case.resumable]
+    assert not leftovers, f"{case.name}: temp folders left behind: {leftovers}"
+    return result
+
+
+def check_nothing_looks_complete(case: KillCase, reference: Path, folder: Path) -> None:
+    """After a kill: an output under its final name is whole (equal to the reference), or is not there."""
+    if (folder / case.done).exists():
+        case.compare(reference, folder)
+        return
+    if not case.resumable:
+        for name in case.outputs:
+            assert not (folder / name).exists(), f"{case.name}: {name} exists although the command did not finish"
+
+
+def clean(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
