@@ -327,14 +327,14 @@ def test_paper_suite_without_data_names_each_missing_dataset(tmp_path, capsys):
                           "mme", "seed_bench"}
     assert err[0].startswith("error: suite paper needs 9 published dataset(s)") and len(err) == 10
     for name, line in zip(names, err[1:]):
-        assert line.strip().startswith(f"{name}: published at {benchmarks.get(name).published}")
+        assert line.removeprefix("error:").strip().startswith(f"{name}: published at {benchmarks.get(name).published}")
         assert f"--data {name}=PATH" in line
     assert not out.exists()
     # given some of the data, only the rest is missing
     assert main(["eval", "--model", "pico", "--suite", "paper", "--out", str(out),
                  "--data", f"xstest={FORMAT_FIXTURES / PUBLISHED['xstest']}"]) == 2
     err = capsys.readouterr().err
-    assert "needs 8 published" in err and "  xstest:" not in err and not out.exists()
+    assert "needs 8 published" in err and " xstest:" not in err and not out.exists()
 
 
 def test_data_option_points_a_suite_entry_at_local_data(tmp_path, capsys):

@@ -27,7 +27,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
         status = app(args=argv, prog_name="vlsafe", standalone_mode=False)
     except VlsafeError as err:
-        typer.echo(f"error: {_one_line(str(err))}", err=True)
+        for line in err.problems or [str(err)]:
+            typer.echo(f"error: {_one_line(line)}", err=True)
         return 2
     except click.exceptions.Exit as done:
         return done.exit_code

@@ -161,8 +161,8 @@ def resolve(suite_name: str, spec: Suite, data: dict[str, str] | None = None, co
             raise VlsafeError(f"{where}: no items")
         resolved.append((entry, bench, prompts))
     if missing:
-        raise VlsafeError("\n".join([f"suite {suite_name} needs {len(missing)} published dataset(s) it was not "
-                                      f"given:", *missing]))
+        raise VlsafeError.lines([f"suite {suite_name} needs {len(missing)} published dataset(s) it was not given:",
+                                 *missing])
     return resolved
 
 

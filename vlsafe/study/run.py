@@ -67,10 +67,10 @@ def run_study(config_path: str | Path | None = None, profile: str | None = None,
         log(f"study {config.name!r} from {source}: {len(ordered)} stages")
         log(describe(plan, ordered, out if out.is_dir() else None))
         if plan.missing:
-            raise VlsafeError("\n".join(f"missing input: {line}" for line in plan.missing))
+            raise VlsafeError.lines([f"missing input: {line}" for line in plan.missing])
         return {"stages": [s.name for s in ordered], "estimated_seconds": sum(s.cost_s for s in ordered)}
     if plan.missing:
-        raise VlsafeError("\n".join(f"missing input: {line}" for line in plan.missing))
+        raise VlsafeError.lines([f"missing input: {line}" for line in plan.missing])
     with Lock(out):
         (out / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         write_json(out / "plan.json", {"config": str(source), "stages": [
