@@ -14,7 +14,7 @@ from pathlib import Path
 from vlsafe.errors import VlsafeError
 
 SCHEMA, SCHEMA_VERSION = "vlsafe.study", 2
-HEADLINE = ("attack_success_rate", "refusal_rate", "accuracy")
+HEADLINE = ("attack_success_rate", "refusal_rate", "non_answer_rate", "accuracy")
 
 
 def _read(path: Path):
@@ -183,6 +183,27 @@ def examples(data: dict, per_cell: int = 2) -> list[dict]:
     return rows
 
 
+def run_commit(out: Path, records: dict) -> str | list[str] | None:
+    """The git commit(s) the finished stages ran at: stage.json's `git`, or, for stages written before it was
+    recorded, the `git` of their evaluations' results.json."""
+    commits = {r["git"] for r in records.values() if r.get("git")}
+    if not commits:
+        for path in (out / "stages").glob("*/*/results.json"):
+            commit = json.loads(path.read_text()).get("git")
+            if commit:
+                commits.add(commit)
+    commits = sorted(commits)
+    return commits[0] if len(commits) == 1 else (commits or None)
+
+
+def _relative(path: str | None) -> str | None:
+    """A config path as the project names it (configs/studies/X.yaml), not the folder it happened to run in."""
+    if not path:
+        return path
+    parts = Path(path).parts
+    return str(Path(*parts[parts.index("configs"):])) if "configs" in parts else path
+
+
 def build_report(out: str | Path, summary_path: str | Path | None = None) -> dict:
     """Writes OUT/results.json, report.md, report.html and plots/; returns the results.json object."""
     from vlsafe.eval.run import git_hash
@@ -202,7 +223,9 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
     planned = [s["name"] for s in data["plan"]["stages"]]
     results = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git": git_hash(), "versions": versions(), "config": config, "config_file": data["plan"].get("config"),
+        # the commit that computed the stages (not the one rebuilding the report); several if the run spans commits
+        "git": run_commit(out, data["records"]), "report_git": git_hash(), "versions": versions(), "config": config,
+        "config_file": _relative(data["plan"].get("config")),
         "complete": all(n in data["records"] for n in planned), "failed": data["failed"],
         "stages_done": len(data["records"]), "stages_planned": len(planned),
         "seconds_by_stage": {n: r.get("seconds") for n, r in data["records"].items()},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "accuracy": "acc"}
+SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "non_answer_rate": "non-answer", "accuracy": "acc"}
 
 
 def pct(value) -> str:

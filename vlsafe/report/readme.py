@@ -38,6 +38,23 @@ def _pct(value) -> str:
     return "-" if value is None else f"{round(100 * value)}%"
 
 
+# the README's columns: (label, (benchmark, condition, metric)) of each model's headline cells
+COLUMNS = [("HarmBench ASR", ("harmbench", "text", "attack_success_rate")),
+           ("HarmBench ASR, blank image", ("harmbench", "blank", "attack_success_rate")),
+           ("StrongREJECT ASR", ("strongreject", "text", "attack_success_rate")),
+           ("HarmBench non-answer", ("harmbench", "text", "non_answer_rate")),
+           ("benign-but-scary refused", ("overrefusal", "text", "refusal_rate")),
+           ("text helpfulness", ("text_helpfulness", "text", "accuracy")),
+           ("held-out image accuracy", ("heldout", "native", "accuracy"))]
+
+
+def _cell(cell: dict | None) -> str:
+    if not cell or cell.get("value") is None:
+        return "-"
+    ci = f" [{_pct(cell['ci'][0])}, {_pct(cell['ci'][1])}]" if cell.get("ci") else ""
+    return f"{_pct(cell['value'])}{ci}"
+
+
 def tables(results_dir: str | Path) -> str:
     """Markdown: per summary, its claims (verdict, estimate, interval) and the text ASR of each model."""
     parts = []
@@ -49,13 +66,15 @@ def tables(results_dir: str | Path) -> str:
         for c in s["claims"]:
             ci = f"[{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]" if c.get("ci") else "-"
             parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c['estimate'])} | {ci} |")
-        parts.append("\n| model | cell | value | 95% CI | n |\n|---|---|---|---|---|")
+        head = " | ".join(label for label, _ in COLUMNS)
+        parts.append(f"\n| model | {head} |\n|---|{'---|' * len(COLUMNS)}")
         for m in s["models"]:
-            for c in m["cells"]:
-                if c["metric"] == "attack_success_rate" and c["value"] is not None:
-                    ci = f"[{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]" if c.get("ci") else "-"
-                    parts.append(f"| {m['model']} | {c['benchmark']}/{c['condition']} ASR | {_pct(c['value'])} | "
-                                 f"{ci} | {c['n']} |")
+            cells = {(c["benchmark"], c["condition"], c["metric"]): c for c in m["cells"]}
+            parts.append(f"| {m['model']} | " + " | ".join(_cell(cells.get(key)) for _, key in COLUMNS) + " |")
+        sizes = {label: next((c["n"] for m in s["models"] for c in m["cells"]
+                              if (c["benchmark"], c["condition"], c["metric"]) == key), None) for label, key in COLUMNS}
+        parts.append("\nValues with bootstrap 95% intervals; n per column: "
+                     + ", ".join(f"{label} {n}" for label, n in sizes.items() if n) + ".")
         parts.append("")
     return "\n".join(parts) or "(no committed results yet: docs/results/ is empty)\n"
 

@@ -195,7 +195,13 @@ def run_stage(out: Path, stage: Stage, runner: Callable[[Path], dict]) -> dict:
     record = {"name": stage.name, "kind": stage.kind, "key": stage.key, "inputs": stage.inputs,
               "files": stage.files, "models": stage.models, "config": stage.config, "command": stage.command,
               "seconds": round(time.time() - began, 2), "estimated_seconds": round(stage.cost_s, 1),
-              "outputs": outputs, "versions": versions()}
+              "outputs": outputs, "versions": versions(), "git": _git()}
     write_json(folder / STAGE_FILE, record)
     pending.unlink(missing_ok=True)
     return record
+
+
+def _git() -> str | None:
+    from vlsafe.eval.run import git_hash
+
+    return git_hash()
