@@ -190,8 +190,9 @@ def f3(analysis: dict | None, concentration: float = 1.5) -> dict:
     for r in rows:
         per_layer[int(r["layer"])] = per_layer.get(int(r["layer"]), 0.0) + float(r.get("relative_change") or 0)
     vectors = [r for r in analysis.get("task_vectors", []) or [] if r.get("cosine") is not None]
-    # the whole-model row of the first pair (adaptation update vs safety update); per-layer rows otherwise
-    cosines = sorted(vectors, key=lambda r: r.get("layer") is not None)
+    # the whole-model row (layer null, module "*") of the first pair (adaptation update vs safety update); not a
+    # single tensor outside the layers (the embeddings' row also has layer null)
+    cosines = sorted(vectors, key=lambda r: (r.get("layer") is not None, r.get("module", "*") != "*"))
     if not per_layer or not cosines:
         return _claim("F3", "inconclusive", "the layer analysis has no per-layer change of the adapted model or no "
                                             "task-vector cosine")
