@@ -81,7 +81,8 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert report["precision"] == "fp32" and report["peak"]["bf16_flops"] > 0
     naive, batched = modes["naive"]["tokens_per_s"], modes["batched"]["tokens_per_s"]
     assert report["ratio"] == (pytest.approx(batched / naive, rel=1e-2) if naive else None)
-    for mode in modes.values():  # MFU = new tokens/s x 2 x params / bf16 peak
+    assert modes["cached"]["mfu"] is None  # the cached pass computed nothing
+    for mode in (modes["naive"], modes["batched"]):  # MFU = new tokens/s x 2 x params / bf16 peak
         assert mode["precision"] == "fp32"
         assert mode["mfu"] == pytest.approx(mode["tokens_per_s"] * report["flops_per_token"]
                                             / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)

@@ -110,7 +110,8 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: st
     naive_seconds = modes["naive"][0]
     report = {name: {"seconds": round(s, 6), "new_tokens": t, "tokens_per_s": round(t / max(s, 1e-9), 1),
                      "speedup": round(naive_seconds / max(s, 1e-9), 2), "generated": g, "precision": precision,
-                     "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, peak["bf16_flops"])}
+                     # a pass that read every answer from the cache computed nothing: no utilisation to report
+                     "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, peak["bf16_flops"]) if g else None}
               for name, (s, t, g) in modes.items()}
     return {"bench": "eval", "model": model, "n": len(prompts), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "threads": torch.get_num_threads(), "precision": precision, "peak": peak,
