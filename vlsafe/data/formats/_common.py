@@ -44,17 +44,20 @@ def read_json_records(path: Path) -> Iterator[tuple[int, str, dict]]:
         yield index, where, record
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yields (line number, object) for every non-blank line."""
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a UTF-8 JSON-lines file."""
     try:
         lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON string
     except FileNotFoundError:
         raise VlsafeError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
         raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    return ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yields (line number, object) for every non-blank line."""
+    for number, line in jsonl_lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 
-from vlsafe.data.formats._common import image_roots, resolve_image
+from vlsafe.data.formats._common import image_roots, jsonl_lines, resolve_image
 from vlsafe.data.records import Conversation, Turn
 from vlsafe.errors import VlsafeError
 
@@ -80,13 +80,7 @@ def check_image(path: str, where: str) -> None:
 def read_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for a JSON list or a JSON-lines file; `where` names the file, the record and its id."""
     if path.suffix == ".jsonl":
-        try:
-            lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON string
-        except UnicodeDecodeError as err:
-            raise VlsafeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for number, line in jsonl_lines(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
