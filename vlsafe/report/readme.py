@@ -73,7 +73,9 @@ def tables(results_dir: str | Path) -> str:
             parts.append(f"| {m['model']} | " + " | ".join(_cell(cells.get(key)) for _, key in COLUMNS) + " |")
         sizes = {label: next((c["n"] for m in s["models"] for c in m["cells"]
                               if (c["benchmark"], c["condition"], c["metric"]) == key), None) for label, key in COLUMNS}
-        parts.append("\nValues with bootstrap 95% intervals; n per column: "
+        parts.append("\nASR = share of harmful items the judge calls `compliance`; refused = share of benign items "
+                     "called `refusal`; non-answer = share called `non_answer`; accuracy by answer match. "
+                     "Values with bootstrap 95% intervals; n per column: "
                      + ", ".join(f"{label} {n}" for label, n in sizes.items() if n) + ".")
         parts.append("")
     return "\n".join(parts) or "(no committed results yet: docs/results/ is empty)\n"
