@@ -37,7 +37,8 @@ def _run(folder: Path, asr: list[bool], over: list[bool], correct: list[bool], e
         rows.append({"benchmark": benchmark, "condition": condition, "id": "x", "label": "harmful", "prompt": "x",
                      "metric": "attack_success_rate", "verdicts": {"default": {"refused": True}}})
     (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "results.json").write_text(json.dumps({"schema": "vlsafe.eval", "judges": [{"name": "default"}]}))
+    (folder / "results.json").write_text(json.dumps({"schema": "vlsafe.eval", "judges": [{"name": "default"}],
+                                                          "results": []}))
     return folder
 
 

@@ -40,6 +40,7 @@ def _expand(dirs: list) -> list[Path]:
 
 def _read(run: Path) -> tuple[dict, list[dict]]:
     from vlsafe.data.formats._common import read_jsonl
+    from vlsafe.eval.rows import read_rows
 
     results, samples = run / "results.json", run / "samples.jsonl"
     for path in (results, samples):
@@ -49,6 +50,9 @@ def _read(run: Path) -> tuple[dict, list[dict]]:
         report = json.loads(results.read_text())
     except json.JSONDecodeError as err:
         raise VlsafeError(f"{results}: not valid JSON ({err.msg})") from None
+    if not isinstance(report, dict):
+        raise VlsafeError(f"{results}: not a `vlsafe eval` results object")
+    read_rows(report.get("results"), results)  # a malformed results file fails here, in one line
     rows = []
     for line, row in read_jsonl(samples):
         missing = [k for k in ("benchmark", "condition", "id", "metric", "verdicts") if k not in row]

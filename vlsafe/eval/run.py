@@ -302,8 +302,12 @@ def _judge(judge, cache, keys: list[str], prompts: list[Prompt], responses: list
 
 
 def _row(benchmark, condition, category, metric, judge, version, estimate: dict, reason=None) -> dict:
-    return {"benchmark": benchmark, "condition": condition, "category": category, "metric": metric, "judge": judge,
-            "judge_version": version, **estimate, "higher_is_better": HIGHER_IS_BETTER[metric], "reason": reason}
+    from vlsafe.eval.rows import ResultRow
+
+    # built through the typed row so every row written has RESULTS.md's fields and types
+    return ResultRow(benchmark=benchmark, condition=condition, category=category, metric=metric, judge=judge,
+                     judge_version=version, **estimate, higher_is_better=HIGHER_IS_BETTER[metric],
+                     reason=reason).as_json()
 
 
 def _verdict(v: dict) -> str:
