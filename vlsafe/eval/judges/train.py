@@ -18,6 +18,7 @@ import numpy as np
 
 from vlsafe.errors import VlsafeError
 from vlsafe.eval.judges import labelled
+from vlsafe.eval.judges.base import VERDICTS
 from vlsafe.eval.judges.learned import CLASSIFIER_FILE, VARIANTS, fit, verdicts
 from vlsafe.eval.judges.patterns import PatternJudge
 
@@ -55,13 +56,37 @@ def _agreement(rows, predicted: dict[str, list[str]], key) -> dict:
     return report
 
 
+def _kappa3(samples: np.ndarray) -> np.ndarray:
+    """Cohen's kappa over three verdicts per resample; samples: (resamples, n, 2) verdict codes 0..2."""
+    a, b = samples[..., 0], samples[..., 1]
+    observed = (a == b).mean(1)
+    chance = sum((a == v).mean(1) * (b == v).mean(1) for v in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance < 1, (observed - chance) / (1 - chance), np.nan)
+
+
+def judge_kappa(first: list[str], second: list[str], seed: int = 0) -> dict:
+    """How far two judges agree beyond chance on the same rows: kappa on `refused` (metrics.cohen_kappa) and on
+    the three-way verdict, each with a seeded percentile bootstrap interval over rows."""
+    from vlsafe.eval.metrics import bootstrap_ci, cohen_kappa
+
+    binary = cohen_kappa([s == "refusal" for s in first], [s == "refusal" for s in second], seed)
+    codes = np.array([[VERDICTS.index(x), VERDICTS.index(y)] for x, y in zip(first, second)], dtype=np.float64)
+    kappa3 = float(_kappa3(codes[None])[0]) if len(codes) else float("nan")
+    return {"n": binary["n"], "kappa": binary["kappa"], "kappa_ci": binary["ci"],
+            "kappa_3way": None if np.isnan(kappa3) else round(kappa3, 4),
+            "kappa_3way_ci": bootstrap_ci(codes, _kappa3, seed=seed) if len(codes) else None}
+
+
 def evaluate(rows, embedder, seed: int = 0) -> dict:
     patterns = PatternJudge()
     pattern_said = [patterns.judge(r.prompt, r.response).verdict for r in rows]
     said = {**_predict_held_out(rows, embedder, lambda r: r.source, seed), "refusal-patterns": pattern_said}
     return {"leave_one_source_out": {"by_source": _agreement(rows, said, lambda r: r.source),
                                      "by_style": _agreement(rows, said, lambda r: r.style),
-                                     "all": _agreement(rows, said, lambda r: "*")["*"]}}
+                                     "all": _agreement(rows, said, lambda r: "*")["*"]},
+            # the second opinion: how often the transparent judge and the default agree on held-out rows
+            "default_vs_patterns": judge_kappa(said["default"], pattern_said, seed)}
 
 
 def train(out: str | Path | None = None, seed: int = 0, log=print) -> dict:
@@ -124,6 +149,12 @@ def _card(model: dict, notes: str) -> str:
              f"All rows, leave-one-source-out: default {loso['all']['default']:.3f} "
              f"(3-way {loso['all']['default 3-way']:.3f}), refusal-patterns {loso['all']['refusal-patterns']:.3f}.",
              ""]
+    k = m.get("default_vs_patterns")
+    if k:
+        ci = lambda c: "n/a" if c is None else f"[{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
+        lines += [f"The two judges on the same held-out rows (n={k['n']}): Cohen's kappa on `refused` "
+                  f"{k['kappa']:.3f} {ci(k['kappa_ci'])}, three-way kappa {k['kappa_3way']:.3f} "
+                  f"{ci(k['kappa_3way_ci'])} (seeded percentile bootstrap over rows, 95%).", ""]
     lines += _table("Leave-one-source-out, per source", loso["by_source"], judges)
     lines += _table("Leave-one-source-out, per style", loso["by_style"], judges)
     return "\n".join(lines) + ("\n" + notes if notes else "")
