@@ -9,14 +9,13 @@ what RESULTS.md documents: `as_json` gives exactly its fields, in its order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, \
     model_validator
 
 from vlsafe.errors import VlsafeError
 
-Metric = Literal["attack_success_rate", "harmful_compliance_rate", "non_answer_rate", "refusal_rate", "accuracy"]
 Interval = Optional[tuple[float, float]]
 
 
@@ -30,7 +29,7 @@ class ResultRow(BaseModel):
     benchmark: StrictStr
     condition: StrictStr
     category: StrictStr
-    metric: Metric
+    metric: StrictStr  # a name in the metric table (benchmarks.yaml `metrics`, benchmarks.METRICS)
     judge: StrictStr
     judge_version: StrictStr
     n: StrictInt
@@ -47,6 +46,15 @@ class ResultRow(BaseModel):
         if n < 0:
             raise ValueError("must be >= 0")
         return n
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        from vlsafe.eval.benchmarks import METRICS
+
+        if metric not in METRICS:
+            raise ValueError(f"{metric!r} is not a metric ({', '.join(METRICS)})")
+        return metric
 
     @model_validator(mode="after")
     def _consistent(self) -> "ResultRow":
