@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from killharness import PICO_STUDY, KillCase, campaign, same_files, same_json, study_case, study_reference
+from killharness import (PICO_STUDY, KillCase, campaign, same_files, same_json, study_case,
+                         study_reference)
 from vlsafe.cli import main
 from vlsafe.io import verify_model_dir
 

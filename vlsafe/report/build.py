@@ -283,7 +283,9 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         import yaml
 
         config = yaml.safe_load((out / "study.yaml").read_text()) or {}
-    claims = claims_module.compute(grouped(data["outcomes"], {n: m.get("seed") for n, m in data["models"].items()}), perceived, data["analysis"], config.get("margin", 0.05))
+    seeds = {name: model.get("seed") for name, model in data["models"].items()}
+    claims = claims_module.compute(grouped(data["outcomes"], seeds), perceived, data["analysis"],
+                                   config.get("margin", 0.05))
     planned = [s["name"] for s in data["plan"]["stages"]]
     results = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
