@@ -132,16 +132,17 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
 
 
 def test_two_seeds_pool_in_every_claim_and_the_report_shows_their_spread(tmp_path_factory, tmp_path):
-    """seeds: [0, 1] on a copy of the one-seed run: only seed 1's stages run; F1 and F2 pair both seeds' items
-    (n items in each seed, pairs = items x seeds) and give each seed's difference beside the pooled interval."""
+    """seeds: [0, 1] on a copy of the one-seed run (arms cut to what F1 and F2 read, to stay small): only seed 1's
+    stages run; F1 and F2 pair both seeds' items (n items in each seed, pairs = items x seeds) and give each seed's
+    difference beside the pooled interval."""
     reference = study_reference(tmp_path_factory)
     out = tmp_path / "two"
     shutil.copytree(reference / "stages", out / "stages")
-    config = _config(tmp_path, "two", seeds=[0, 1])
+    config = _config(tmp_path, "two", seeds=[0, 1], arms=["control", "safety_sft"], merges=None, analysis=False)
     results = run_study(config, None, out, log=lambda m: None, show_progress=False)
-    assert results["reused_stages"] == len(json.loads((reference / "plan.json").read_text())["stages"])
-    assert {"adapted-s1", "safety_sft-s1", "dpo-s1", "merge-linear-aligned-0.5-s1"} <= {m["model"] for m in
-                                                                                          results["models"]}
+    planned = [s["name"] for s in json.loads((out / "plan.json").read_text())["stages"]]
+    assert results["reused_stages"] == len([name for name in planned if "-s1" not in name])  # seed 0: all reused
+    assert {"adapted-s1", "control-s1", "safety_sft-s1"} <= {m["model"] for m in results["models"]}
     f1, f2 = results["claims"][:2]
     for claim in (f1, f2):
         assert claim["seeds"] == 2 and len(claim["per_seed"]) == 2 and claim["seed_sd"] is not None
@@ -149,7 +150,7 @@ def test_two_seeds_pool_in_every_claim_and_the_report_shows_their_spread(tmp_pat
     text = next(c for c in f1["comparisons"] if c["compare"] == "adapted VLM vs aligned LLM")
     assert text["seeds"] == 2 and text["n"] == 4  # the 4 harmful text items, in each of the two seeds
     spread = results["seed_spread"]
-    assert {"adapted", "control", "safety_sft", "dpo"} <= set(spread)
+    assert {"adapted", "control", "safety_sft"} <= set(spread)
     assert all(r["seeds"] == 2 and set(r["per_seed"]) == {"0", "1"} for r in spread["adapted"])
     report = (out / "report.md").read_text()
     assert "## Across seeds" in report and "seed spread" in report and "n=4 x 2 seeds" in report
