@@ -58,6 +58,7 @@ class KillCase:
     env: dict = field(default_factory=dict)
     # after a kill of a resumable command: (reference, folder) -> asserts that what looks finished is whole
     check_partial: Callable[[Path, Path], None] | None = None
+    where: Callable[[Path], str] | None = None  # after a kill: what the command was doing (for the campaign record)
 
 
 def _env(extra: dict) -> dict:
@@ -97,6 +98,7 @@ def run_and_kill(case: KillCase, folder: Path, after: float) -> bool:
 class Campaign:
     kills: int = 0  # SIGKILLs delivered
     finished_early: int = 0  # runs that ended before their kill time
+    landed: list = field(default_factory=list)  # KillCase.where after each kill
 
 
 def campaign(case: KillCase, root: Path, kills: int, seed: int, reference: Path | None = None) -> Campaign:
@@ -128,6 +130,8 @@ def campaign(case: KillCase, root: Path, kills: int, seed: int, reference: Path 
         finished = run_and_kill(case, folder, after=rng.uniform(0.3, 0.95) * wall)
         result.kills += not finished
         result.finished_early += finished
+        if not finished and case.where is not None:
+            result.landed.append(case.where(folder))
         check_nothing_looks_complete(case, reference, folder)
     if folder is None:
         folder = root / f"killed-{seed}-0"
@@ -224,7 +228,19 @@ def study_case(argv: list[str]) -> KillCase:
     """`vlsafe study ARGV --out FOLDER`: resumable (the same command continues a killed run), finished when
     results.json exists; after each kill every stage that looks finished must equal the reference's."""
     return KillCase("study", lambda f: ["study", *argv, "--out", str(f)], done="results.json", compare=same_study,
-                    resumable=True, check_partial=lambda ref, f: (same_study_stages(ref, f), None)[1])
+                    resumable=True, check_partial=lambda ref, f: (same_study_stages(ref, f), None)[1],
+                    where=study_stage_killed)
+
+
+def study_stage_killed(folder: Path) -> str:
+    """The stage a killed study was in: the first planned stage without its stage.json (or the report, when every
+    stage had finished; or start-up, before the plan was written)."""
+    if not (folder / "plan.json").is_file():
+        return "start-up"
+    for stage in json.loads((folder / "plan.json").read_text())["stages"]:
+        if not (folder / "stages" / stage["name"] / "stage.json").is_file():
+            return f"{stage['kind']}:{stage['name']}"
+    return "report"
 
 
 PICO_STUDY = ["--profile", "pico"]
