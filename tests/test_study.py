@@ -171,6 +171,7 @@ def test_claims_pair_seed_with_seed_and_broadcast_only_a_model_no_seed_trained()
     remedy = {1: _outcomes([i < 10 for i in range(n)])}
     only = claims.paired(adapted, remedy, claims.HARMFUL, ("text",))
     assert only["seeds"] == 1 and only["difference"] == 0.0
+    assert claims.paired({0: adapted[0]}, remedy, claims.HARMFUL, ("text",))["reason"] == "no training seed in common"
 
 
 def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):

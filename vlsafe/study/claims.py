@@ -80,9 +80,11 @@ def paired(a: list[dict] | dict, b: list[dict] | dict, metric: str, conditions: 
     condition of the VLM against the same request as text to the LLM), pooled; rows are seeds."""
     from vlsafe.eval.metrics import paired_difference
 
+    evaluated = bool(a) and bool(b)
     a, b = _same_seeds(a, b)
     if not a or not b:
-        return {"n": 0, "difference": None, "ci": None, "reason": "model not evaluated"}
+        return {"n": 0, "difference": None, "ci": None,
+                "reason": "no training seed in common" if evaluated else "model not evaluated"}
     field = _value(metric)
     a_cond = {c: (a_condition or c) for c in conditions}
     same = {c: c for c in conditions}
