@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from killharness import study_reference
 from vlsafe.cli import main
 from vlsafe.errors import VlsafeError
 from vlsafe.study import claims
@@ -37,9 +38,11 @@ def _stage_files(out: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def pico_study(tmp_path_factory):
+    """This module's copy of the session's uninterrupted pico study (`vlsafe study --profile pico`), which
+    tests/test_kill.py also compares killed runs against; tests here may add stages to the copy."""
     out = tmp_path_factory.mktemp("study") / "pico"
-    results = run_study(None, "pico", out, log=lambda m: None, show_progress=False)
-    return out, results
+    shutil.copytree(study_reference(tmp_path_factory), out)
+    return out, json.loads((out / "results.json").read_text())
 
 
 def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
@@ -83,7 +86,7 @@ def test_rerun_reuses_every_stage_and_a_changed_setting_recomputes_only_its_depe
     before = _stage_files(out)
     again = run_study(None, "pico", out, log=lambda m: None, show_progress=False)
     assert again["reused_stages"] == len(before) and _stage_files(out) == before
-    assert again["claims"] == first["claims"]
+    assert json.loads((out / "results.json").read_text())["claims"] == first["claims"]
     # a new merge weight: the two merges and their evals run, nothing upstream does
     changed = _config(tmp_path, "weights", merges={"methods": ["linear"], "weights": [0.25], "partners": ["aligned"]})
     result = run_study(changed, None, out, log=lambda m: None, show_progress=False)
@@ -126,6 +129,49 @@ def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_
         return [(r["benchmark"], r["condition"], r["id"], r["response"], r["verdicts"]) for r in rows]
 
     assert answers(out) == answers(reference)
+
+
+def test_two_seeds_pool_in_every_claim_and_the_report_shows_their_spread(tmp_path_factory, tmp_path):
+    """seeds: [0, 1] on a copy of the one-seed run (arms cut to what F1 and F2 read, to stay small): only seed 1's
+    stages run; F1 and F2 pair both seeds' items (n items in each seed, pairs = items x seeds) and give each seed's
+    difference beside the pooled interval."""
+    reference = study_reference(tmp_path_factory)
+    out = tmp_path / "two"
+    shutil.copytree(reference / "stages", out / "stages")
+    config = _config(tmp_path, "two", seeds=[0, 1], arms=["control", "safety_sft"], merges=None, analysis=False)
+    results = run_study(config, None, out, log=lambda m: None, show_progress=False)
+    planned = [s["name"] for s in json.loads((out / "plan.json").read_text())["stages"]]
+    assert results["reused_stages"] == len([name for name in planned if "-s1" not in name])  # seed 0: all reused
+    assert {"adapted-s1", "control-s1", "safety_sft-s1"} <= {m["model"] for m in results["models"]}
+    f1, f2 = results["claims"][:2]
+    for claim in (f1, f2):
+        assert claim["seeds"] == 2 and len(claim["per_seed"]) == 2 and claim["seed_sd"] is not None
+        assert claim["pairs"] == 2 * claim["n"] and claim["n"] > 0
+    text = next(c for c in f1["comparisons"] if c["compare"] == "adapted VLM vs aligned LLM")
+    assert text["seeds"] == 2 and text["n"] == 4  # the 4 harmful text items, in each of the two seeds
+    spread = results["seed_spread"]
+    assert {"adapted", "control", "safety_sft"} <= set(spread)
+    assert all(r["seeds"] == 2 and set(r["per_seed"]) == {"0", "1"} for r in spread["adapted"])
+    report = (out / "report.md").read_text()
+    assert "## Across seeds" in report and "seed spread" in report and "n=4 x 2 seeds" in report
+    assert "Across seeds" in (out / "report.html").read_text()
+    # held-out image accuracy per type: chance beside it, and the adapted VLM's mean ± sd over its two seeds
+    held = results["heldout"]
+    assert held["spread"]["adapted"]["*"]["seeds"] == 2 and "adapted (mean ± sd over seeds)" in report
+    assert f"shape (chance {held['chance']['shape']:.0%})" in report
+
+
+def test_claims_pair_seed_with_seed_and_broadcast_only_a_model_no_seed_trained():
+    n = 40
+    aligned = {None: _outcomes([False] * n)}
+    adapted = {0: _outcomes([i < 20 for i in range(n)]), 1: _outcomes([i < 10 for i in range(n)])}
+    estimate = claims.paired(aligned, adapted, claims.HARMFUL, ("text",))
+    assert estimate["seeds"] == 2 and estimate["per_seed"] == [0.5, 0.25]  # one aligned LLM against both seeds
+    # a partial run: the remedy exists for seed 1 only; it is compared with seed 1's adapted model, not seed 0's
+    remedy = {1: _outcomes([i < 10 for i in range(n)])}
+    only = claims.paired(adapted, remedy, claims.HARMFUL, ("text",))
+    assert only["seeds"] == 1 and only["difference"] == 0.0
+    assert claims.paired({0: adapted[0]}, remedy, claims.HARMFUL, ("text",))["reason"] == "no training seed in common"
 
 
 def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):

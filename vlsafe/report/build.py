@@ -66,12 +66,18 @@ def role_of(name: str) -> str:
     return base if base and seed.isdigit() else name
 
 
-def grouped(outcomes: dict) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
+def grouped(outcomes: dict, seeds: dict | None = None) -> dict[str, dict]:
+    """role -> {seed: item outcomes} (seed None for a model no seed trained), the claims' input: keyed by seed so
+    that two roles are paired seed with seed."""
+    groups: dict[str, dict] = {}
     for name in sorted(outcomes):
         role = role_of(name)
         if role:
-            groups.setdefault(role, []).append(outcomes[name])
+            seed = None  # a name without a seed (aligned, vlm1) is one model that every seed shares
+            if role != name:  # adapted-s1: the plan's seed, else the name's
+                seed = (seeds or {}).get(name)
+                seed = int(name.rpartition("-s")[2]) if seed is None else seed
+            groups.setdefault(role, {})[seed] = outcomes[name]
     return groups
 
 
@@ -96,6 +102,32 @@ def model_table(data: dict) -> list[dict]:
                      "judge": model["judge"], "fingerprint": model["results"]["model"]["fingerprint"],
                      "cells": cells})
     return rows
+
+
+def seed_spread(models: list[dict]) -> dict:
+    """role -> the headline cells of a role trained with several seeds: mean over seeds, their standard deviation
+    and each seed's value. The model table keeps one row per model and seed (a reader can see each run); this is
+    the spread beside it, the variation that the item intervals of one run do not show."""
+    import statistics
+
+    by_role: dict[str, dict[tuple, dict]] = {}
+    for model in models:
+        role, seed = role_of(model["model"]), model.get("seed")
+        if not role or role == model["model"] or seed is None:  # checkpoints and models no seed trained
+            continue
+        for c in model["cells"]:
+            if c["value"] is not None:
+                key = (c["benchmark"], c["condition"], c["metric"])
+                by_role.setdefault(role, {}).setdefault(key, {})[seed] = c["value"]
+    out = {}
+    for role, cells in sorted(by_role.items()):
+        rows = [{"benchmark": b, "condition": c, "metric": m, "mean": round(statistics.fmean(v.values()), 6),
+                 "sd": round(statistics.stdev(v.values()), 6), "seeds": len(v),
+                 "per_seed": {str(k): v[k] for k in sorted(v)}}
+                for (b, c, m), v in cells.items() if len(v) > 1]
+        if rows:
+            out[role] = rows
+    return out
 
 
 def dynamics(data: dict) -> dict:
@@ -145,7 +177,24 @@ def heldout(data: dict) -> dict:
                  if r["benchmark"] == "heldout" and r["metric"] == "accuracy"}
         if cells:
             models[name] = cells
-    return {"chance": chance, "models": models}
+    return {"chance": chance, "models": models, "spread": _heldout_spread(data, models)}
+
+
+def _heldout_spread(data: dict, models: dict) -> dict:
+    """role -> question type -> mean, sd and count over the training seeds (roles with two seeds or more)."""
+    import statistics
+
+    values: dict[str, dict[str, list[float]]] = {}
+    for name, cells in models.items():
+        role = role_of(name)
+        if not role or role == name or data["models"][name].get("seed") is None:
+            continue
+        for task, c in cells.items():
+            if c["value"] is not None:
+                values.setdefault(role, {}).setdefault(task, []).append(c["value"])
+    return {role: {task: {"mean": round(statistics.fmean(v), 6), "sd": round(statistics.stdev(v), 6),
+                          "seeds": len(v)} for task, v in tasks.items() if len(v) > 1}
+            for role, tasks in sorted(values.items()) if any(len(v) > 1 for v in tasks.values())}
 
 
 def lineage(data: dict) -> list[dict]:
@@ -204,6 +253,21 @@ def _relative(path: str | None) -> str | None:
     return str(Path(*parts[parts.index("configs"):])) if "configs" in parts else path
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Through a temp file and a rename, like `vlsafe.io.write_json`: the old content or the new, never a mix."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def build_report(out: str | Path, summary_path: str | Path | None = None) -> dict:
     """Writes OUT/results.json, report.md, report.html and plots/; returns the results.json object."""
     from vlsafe.eval.run import git_hash
@@ -219,7 +283,9 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         import yaml
 
         config = yaml.safe_load((out / "study.yaml").read_text()) or {}
-    claims = claims_module.compute(grouped(data["outcomes"]), perceived, data["analysis"], config.get("margin", 0.05))
+    seeds = {name: model.get("seed") for name, model in data["models"].items()}
+    claims = claims_module.compute(grouped(data["outcomes"], seeds), perceived, data["analysis"],
+                                   config.get("margin", 0.05))
     planned = [s["name"] for s in data["plan"]["stages"]]
     results = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -230,7 +296,8 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "stages_done": len(data["records"]), "stages_planned": len(planned),
         "seconds_by_stage": {n: r.get("seconds") for n, r in data["records"].items()},
         "claims": claims,
-        "models": model_table(data),
+        "models": (table := model_table(data)),
+        "seed_spread": seed_spread(table),
         "dynamics": dynamics(data),
         "heldout": heldout(data),
         "legibility": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in data["legibility"].items()},
@@ -240,9 +307,11 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "examples": examples(data),
     }
     plot_files = plots.render_all(results, data, out / "plots")
+    # each file whole or absent, and results.json last: a study is finished once results.json exists, so a kill
+    # while writing the report cannot leave a finished-looking run with a half-written report beside it
+    _write_text(out / "report.md", markdown.render(results, plot_files, out))
+    _write_text(out / "report.html", html.render(results, plot_files))
     write_json(out / "results.json", results)
-    (out / "report.md").write_text(markdown.render(results, plot_files, out))
-    (out / "report.html").write_text(html.render(results, plot_files))
     if summary_path is not None:
         from vlsafe.report.readme import write_summary
 

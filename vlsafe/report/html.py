@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from vlsafe.report.markdown import SHORT, cell, columns, heldout_table, interval, pct
+from vlsafe.report.markdown import CLAIM_HEADER, SHORT, cell, claim_rows, columns, heldout_table, pct, spread_table
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;
@@ -40,10 +40,9 @@ def render(results: dict, plots: dict[str, Path]) -> str:
         parts.append(f"<p><b>Failed stage:</b> {html.escape(results['failed']['stage'])}: "
                      f"{html.escape(results['failed']['error'])}</p>")
     claims = results["claims"]
-    parts.append("<h2>Claims</h2>" + _table(
-        ["id", "finding", "verdict", "paired estimate [95% CI]", "n", "seeds", "reason"],
-        [[c["id"], c["title"], c["verdict"], interval(c), c.get("n") or "-", c.get("seeds") or "-", c["reason"]]
-         for c in claims], [c["verdict"] for c in claims]))
+    parts.append("<h2>Claims</h2>" + _table(CLAIM_HEADER, claim_rows(results), [c["verdict"] for c in claims]))
+    parts.append("<p class='small'>Paired over the same items, pooled over the training seeds (n items in each "
+                 "seed); the seed spread is each seed's own difference.</p>")
     typo = ("perceived (legibility probe above chance)" if results["typo_perceived"] else
             "<b>not perceived</b>: the legibility probe is at chance, so typographic ASR is not a safety measurement")
     parts.append(f"<p>Typographic condition: {typo}</p><ul>" + "".join(
@@ -56,6 +55,10 @@ def render(results: dict, plots: dict[str, Path]) -> str:
         rows.append([model["model"]] + [cell(by[k]) if k in by else "" for k in cols])
     parts.append("<h2>Every model</h2>" + _table(["model"] + [f"{b}/{c} {SHORT[m]}" for b, c, m in cols], rows))
     parts.append("<p class='small'>First judge; accuracy by answer match; 95% bootstrap intervals.</p>")
+    spread = spread_table(results, lambda header, rows: _table(header, rows))
+    if spread:
+        parts.append("<h2>Across seeds</h2><p class='small'>Mean ± standard deviation over the training seeds (one "
+                     "row per model and seed above).</p>" + spread)
     held = heldout_table(results, lambda header, rows: _table(header, rows))
     if held:
         parts.append("<h2>Held-out image questions by type</h2>" + held)

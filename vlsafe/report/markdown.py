@@ -27,6 +27,37 @@ def interval(claim: dict) -> str:
     return f"{claim['estimate']:+.3f}{ci}"
 
 
+def seed_note(claim: dict) -> str:
+    """Each seed's own difference and their standard deviation, beside the pooled item interval."""
+    if not claim.get("per_seed") or len(claim["per_seed"]) < 2:
+        return "-"
+    return f"sd {claim['seed_sd']:.3f} (" + ", ".join(f"{d:+.3f}" for d in claim["per_seed"]) + ")"
+
+
+CLAIM_HEADER = ["id", "finding", "verdict", "paired estimate [95% CI]", "n items", "seeds", "seed spread", "reason"]
+
+
+def claim_rows(results: dict) -> list[list]:
+    return [[c["id"], c["title"], c["verdict"], interval(c), c.get("n") or "-", c.get("seeds") or "-", seed_note(c),
+             c["reason"]] for c in results["claims"]]
+
+
+def spread_table(results: dict, make_table) -> list:
+    """Roles trained with several seeds: mean ± sd over seeds of each headline cell (the per-seed rows are in the
+    model table above)."""
+    spread = results.get("seed_spread") or {}
+    if not spread:
+        return []
+    cols = list(dict.fromkeys((r["benchmark"], r["condition"], r["metric"]) for rows in spread.values()
+                              for r in rows))
+    rows = []
+    for role, cells in spread.items():
+        by = {(r["benchmark"], r["condition"], r["metric"]): r for r in cells}
+        rows.append([role, max(r["seeds"] for r in cells)] + [f"{by[k]['mean']:.0%} ± {by[k]['sd']:.0%}" if k in by
+                                                             else "" for k in cols])
+    return make_table(["role", "seeds"] + [f"{b}/{c} {SHORT[m]}" for b, c, m in cols], rows)
+
+
 def columns(results: dict) -> list[tuple[str, str, str]]:
     seen = {}
     for model in results["models"]:
@@ -51,6 +82,11 @@ def heldout_table(results: dict, make_table) -> list:
     header = ["model"] + [f"{t} (chance {pct(chance[t])})" if t in chance else "all types" for t in tasks]
     rows = [[name] + [cell({**cells[t], "metric": "accuracy"}) if t in cells else "" for t in tasks]
             for name, cells in found["models"].items()]
+    # a role trained with several seeds: its mean ± sd over seeds, beside its per-seed rows
+    for role, cells in (found.get("spread") or {}).items():
+        rows.append([f"{role} (mean ± sd over seeds)"] + [
+            f"{cells[t]['mean']:.0%} ± {cells[t]['sd']:.0%} ({cells[t]['seeds']} seeds)" if t in cells else ""
+            for t in tasks])
     return make_table(header, rows)
 
 
@@ -63,9 +99,9 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     if results["failed"]:
         lines.append(f"\n**Failed stage:** {results['failed']['stage']}: {results['failed']['error']}")
     lines += ["", "## Claims", ""]
-    lines += table(["id", "finding", "verdict", "paired estimate [95% CI]", "n", "seeds", "reason"],
-                   [[c["id"], c["title"], c["verdict"], interval(c), c.get("n") or "-", c.get("seeds") or "-",
-                     c["reason"]] for c in results["claims"]])
+    lines += table(CLAIM_HEADER, claim_rows(results))
+    lines += ["", "Each claim pairs the same items across models and pools the training seeds: n items in each "
+                  "seed, the interval resamples items and seeds; the seed spread is each seed's own difference."]
     lines += ["", "Typographic condition: " + ("perceived (legibility probe above chance)" if results["typo_perceived"]
                                               else "**not perceived** (legibility probe at chance): its ASR is not a "
                                                    "safety measurement"), ""]
@@ -82,6 +118,10 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines += table(header, rows)
     lines += ["", "Rates under the first judge (accuracy by answer match), 95% bootstrap intervals; non-answer "
                   "shares are in results.json beside each cell.", ""]
+    spread = spread_table(results, table)
+    if spread:
+        lines += ["## Across seeds", "", "Mean ± standard deviation over the training seeds (one row per model and "
+                  "seed above).", "", *spread, ""]
     lines += ["## Held-out image questions by type", "", *heldout_table(results, table), ""]
     for title, path in plots.items():
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(out)})", ""]

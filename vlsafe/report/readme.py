@@ -23,8 +23,8 @@ def write_summary(results: dict, path: str | Path) -> dict:
         "format": "vlsafe.results-summary/1", "git": results["git"], "config_file": results["config_file"],
         "name": results["config"].get("name"), "seeds": results["config"].get("seeds"), "judges": results["judges"],
         "complete": results["complete"], "seconds_by_stage": results["seconds_by_stage"],
-        "claims": [{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "reason")}
-                   for c in results["claims"]],
+        "claims": [{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
+                                          "seed_sd", "reason")} for c in results["claims"]],
         "models": [{"model": m["model"], "cells": [{k: c[k] for k in ("benchmark", "condition", "metric", "value",
                                                                      "ci", "n")} for c in m["cells"]]}
                    for m in results["models"] if "-step" not in m["model"]],
