@@ -336,3 +336,14 @@ def test_analysis_switch_adds_the_layer_analysis_and_the_merges_it_proposes(tmp_
     # RESTA reads the unaligned base LLM as weights: a stage saves it first
     assert plan.dag.stages["merge-resta-s0"].config["args"]["unaligned"] == "@llm:model"
     assert plan.dag.order()  # no cycle, every input defined
+
+
+def test_checkpoint_evals_of_the_first_seed_only(tmp_path):
+    from vlsafe.study.config import load_study
+    from vlsafe.study.plan import build_plan
+
+    every = build_plan(load_study(_config(tmp_path, "every", seeds=[0, 1]))[0])
+    first = build_plan(load_study(_config(tmp_path, "first", seeds=[0, 1], eval={"checkpoints": "first_seed"}))[0])
+    steps = lambda plan, seed: sorted(n for n in plan.dag.stages if n.startswith(f"eval-adapted-s{seed}-step"))  # noqa: E731
+    assert steps(every, 0) and steps(every, 1) and steps(first, 0) == steps(every, 0)
+    assert steps(first, 1) == [] and "eval-adapted-s1" in first.dag.stages  # seed 1's final model is still measured

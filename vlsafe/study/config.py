@@ -73,7 +73,8 @@ class EvalSpec(Strict):
     max_new_tokens: int | None = None
     judges: list[str] | None = None  # None: the suite's; the first judge decides the claims
     batch_size: int = Field(16, gt=0)
-    checkpoints: bool = True  # evaluate stage 2's checkpoints (the safety-dynamics curve)
+    # evaluate stage 2's checkpoints (the safety-dynamics curve): of every seed, of the first seed only, or none
+    checkpoints: Literal[True, False, "first_seed"] = True
     legibility_items: int = Field(24, gt=0)  # the legibility probe's rendered words per VLM
 
 

@@ -208,7 +208,8 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
         add_model(f"adapted-s{s}", f"stage2-s{s}", ref(f"stage2-s{s}", "model"), "adapted VLM", s,
                   step=stage2.get("max_steps"))
         every, total = stage2.get("save_every", 0), stage2.get("max_steps")
-        if config.eval.checkpoints and every and total:
+        wanted = config.eval.checkpoints is True or (config.eval.checkpoints == "first_seed" and s == first)
+        if wanted and every and total:
             for step in range(every, total, every):
                 add_model(f"adapted-s{s}-step{step}", f"stage2-s{s}",
                           ref(f"stage2-s{s}", "run", f"checkpoints/step-{step}"), "stage-2 checkpoint", s, step=step)
