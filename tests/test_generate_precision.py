@@ -30,9 +30,17 @@ def test_bf16_model_gives_fp32_logits_exact_for_its_top_candidates(kind):
         fp32 = bundle.model(input_ids=ids).logits
     model = generation.set_precision(bundle, "bf16")
     assert next(model.parameters()).dtype == torch.bfloat16
+    lm = model.language_model if hasattr(model, "language_model") else model
+    layer_out = []
+    handle = lm.get_decoder().layers[0].register_forward_hook(lambda module, args, output: layer_out.append(output))
     with torch.inference_mode():
-        logits = model(input_ids=ids).logits
+        result = model(input_ids=ids, use_cache=True)
+    handle.remove()
+    logits = result.logits
     assert logits.dtype == torch.float32  # not bf16: no rounding to steps of 2^-8 of the logit's size
+    hidden = layer_out[0][0] if isinstance(layer_out[0], tuple) else layer_out[0]
+    assert hidden.dtype == torch.float32  # the residual stream is not rounded to bf16 after each layer
+    assert result.cache.layers[0].keys.dtype == torch.bfloat16  # while the KV cache and matmuls are bf16
     exact = _exact(model, ids)
     # the refined candidates are bf16's best 8; the exact best 3 are among them (the 8th may not be)
     top = exact.topk(3, dim=-1).indices
@@ -49,5 +57,5 @@ def test_bf16_model_gives_fp32_logits_exact_for_its_top_candidates(kind):
 
 def test_bf16_generations_are_keyed_apart_from_fp32_and_from_unrefined_bf16():
     fp32, bf16 = generation.Decoding(max_new_tokens=4), generation.Decoding(max_new_tokens=4, dtype="bf16")
-    assert "logits" not in fp32.key()  # fp32 keys unchanged: caches written before stay valid
-    assert f"fp32-top{generation.EXACT_CANDIDATES}" in bf16.key()
+    assert "fp32" not in fp32.key()  # fp32 keys unchanged: caches written before stay valid
+    assert f"top{generation.EXACT_CANDIDATES}-logits" in bf16.key()
