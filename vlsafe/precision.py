@@ -2,7 +2,8 @@
 
     fp32   everything in float32
     bf16   training: mixed precision (bf16 autocast, fp32 master weights and optimizer state);
-           evaluation: the weights cast to bfloat16
+           evaluation: the weights cast to bfloat16, bf16 matmuls and KV cache, while the residual stream,
+           the final norm and the top logits stay fp32 (vlsafe/eval/generate.py `set_precision`)
     fp16   training on CUDA GPUs only (mixed, with loss scaling); never on a CPU
     auto   bf16 where the hardware runs it natively, fp32 elsewhere
 
