@@ -239,20 +239,21 @@ def set_precision(bundle, dtype: str):
 def _fp32_residual(model) -> list:
     """Hooks that keep a bf16 model's residual stream in fp32, as autocast would, without casting weights per step.
 
-    The embeddings' output becomes fp32, so every `hidden + sublayer(hidden)` adds in fp32; each linear layer casts
-    its input to its own bf16 weights, and rotary cos/sin follow the weights so that queries, keys and the KV cache
-    stay bf16. Why: in whole-model bf16 the residual is rounded to 8 bits after every layer, and that drift, more
+    The embeddings' output becomes fp32, so every `hidden + sublayer(hidden)` adds in fp32; each norm (computed in
+    fp32 inside) hands bf16 to the linear layers after it, and rotary cos/sin follow the weights so that queries,
+    keys and the KV cache stay bf16. Why: in whole-model bf16 the residual is rounded to 8 bits after every layer, and that drift, more
     than the matmuls, is what moves the logits away from fp32 (SmolLM2-135M, one prompt: max logit error 0.92
     against 0.28 with this) and lets padding or batch shape change a greedy answer. Returns [] where the model does
     not run this way (a probe forward fails)."""
     dtype = next(model.parameters()).dtype
     handles = [model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.float())]
-    head = model.get_output_embeddings()  # the LM head keeps its fp32 input: `_exact_logits` casts it itself
+    final = _final_norm(model)  # the final norm's output stays fp32: `_exact_logits` takes it
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            handles.append(module.register_forward_pre_hook(
-                lambda module, args: (args[0].to(module.weight.dtype),) + tuple(args[1:])))
-        elif "rotary" in type(module).__name__.lower():
+        name = type(module).__name__.lower()
+        if "norm" in name and module is not final and not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            # a norm's output feeds the next linear layers: bf16 there, one cast per norm rather than per linear
+            handles.append(module.register_forward_hook(lambda module, args, output: output.to(dtype)))
+        elif "rotary" in name:
             handles.append(module.register_forward_hook(
                 lambda module, args, output: tuple(t.to(dtype) for t in output) if isinstance(output, tuple) else output))
     try:
