@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlsafe.data.records import Prompt
 from vlsafe.eval import generate as generation
 from vlsafe.model import checkpoint
 
@@ -59,3 +60,20 @@ def test_bf16_generations_are_keyed_apart_from_fp32_and_from_unrefined_bf16():
     fp32, bf16 = generation.Decoding(max_new_tokens=4), generation.Decoding(max_new_tokens=4, dtype="bf16")
     assert "fp32" not in fp32.key()  # fp32 keys unchanged: caches written before stay valid
     assert f"top{generation.EXACT_CANDIDATES}-logits" in bf16.key()
+
+
+def test_a_model_the_fp32_residual_does_not_fit_falls_back_to_whole_bf16():
+    bundle = checkpoint.load("pico")
+
+    def refuse_fp32(module, args):  # stands for an architecture whose layers need inputs in their weights' dtype
+        if args[0].dtype == torch.float32:
+            raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    bundle.model.model.layers[0].register_forward_pre_hook(refuse_fp32)
+    model = generation.set_precision(bundle, "bf16")
+    assert len(model._vlsafe_exact_logits) == 3  # the LM head's two hooks and the final norm's, nothing else
+    ids = torch.tensor([bundle.tokenizer("Name a colour.")["input_ids"]])
+    with torch.inference_mode():
+        assert model(input_ids=ids).logits.dtype == torch.float32
+    assert len(generation.generate(bundle, [Prompt(id="0", text="Name a colour.")],
+                                   generation.Decoding(max_new_tokens=3, dtype="bf16"))) == 1
