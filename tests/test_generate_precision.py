@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlsafe import precision
 from vlsafe.data.records import Prompt
 from vlsafe.eval import generate as generation
 from vlsafe.model import checkpoint
@@ -59,7 +60,7 @@ def test_bf16_model_gives_fp32_logits_exact_for_its_top_candidates(kind):
 def test_bf16_generations_are_keyed_apart_from_fp32_and_from_unrefined_bf16():
     fp32, bf16 = generation.Decoding(max_new_tokens=4), generation.Decoding(max_new_tokens=4, dtype="bf16")
     assert "fp32" not in fp32.key()  # fp32 keys unchanged: caches written before stay valid
-    assert f"top{generation.EXACT_CANDIDATES}-logits" in bf16.key()
+    assert f"top{precision.EXACT_CANDIDATES}-logits" in bf16.key()
 
 
 def test_a_model_the_fp32_residual_does_not_fit_falls_back_to_whole_bf16():

@@ -26,6 +26,7 @@ import torch
 
 from vlsafe.data.records import Prompt
 from vlsafe.errors import VlsafeError
+from vlsafe.precision import EXACT_CANDIDATES
 
 BACKENDS = ("hf", "vllm")
 
@@ -55,7 +56,7 @@ class Decoding:
         if settings["dtype"] == "fp32":  # keys written before precision was a setting were fp32 ones
             settings.pop("dtype")
         else:  # bf16 answers written before the residual and top logits stayed fp32 are not these
-            settings["fp32"] = f"residual,norm,top{EXACT_CANDIDATES}-logits"
+            settings["fp32"] = f"residual,norm,top{EXACT_CANDIDATES}-logits"  # vlsafe.precision.mixed_bf16
         return json.dumps(settings, sort_keys=True)
 
 
@@ -222,9 +223,9 @@ def set_precision(bundle, dtype: str):
     Whole-model bf16, not autocast: decoding is bound by reading the weights once per token, and autocast would
     read fp32 weights and cast them at every step (measured: naive decoding 3.6x slower than whole-model bf16).
     The fingerprint (the cache key) is taken first, so it stays the fingerprint of the weights as loaded.
-    In bf16 the matmuls and the KV cache are bf16, while the residual stream (`_fp32_residual`), the final norm and
-    the logits that decide the next token (`_exact_logits`) stay fp32."""
-    from vlsafe.precision import torch_dtype
+    In bf16 the matmuls and the KV cache are bf16, while the residual stream, the final norm and the logits that
+    decide the next token stay fp32 (`vlsafe.precision.mixed_bf16`)."""
+    from vlsafe.precision import mixed_bf16, torch_dtype
 
     if dtype not in ("fp32", "bf16"):
         raise VlsafeError(f"generation dtype {dtype!r}: fp32 or bf16 (resolve 'auto' with vlsafe.precision)")
@@ -232,103 +233,8 @@ def set_precision(bundle, dtype: str):
     if next(bundle.model.parameters()).dtype != wanted:
         model_fingerprint(bundle)
         bundle.model.to(wanted)
-    _exact_logits(bundle.model, on=dtype == "bf16")
+    mixed_bf16(bundle.model, on=dtype == "bf16")
     return bundle.model
-
-
-def _fp32_residual(model) -> list:
-    """Hooks that keep a bf16 model's residual stream in fp32, as autocast would, without casting weights per step.
-
-    The embeddings' output becomes fp32, so every `hidden + sublayer(hidden)` adds in fp32; each norm (computed in
-    fp32 inside) hands bf16 to the linear layers after it, and rotary cos/sin follow the weights so that queries,
-    keys and the KV cache stay bf16. Why: in whole-model bf16 the residual is rounded to 8 bits after every layer, and that drift, more
-    than the matmuls, is what moves the logits away from fp32 (SmolLM2-135M, one prompt: max logit error 0.92
-    against 0.28 with this) and lets padding or batch shape change a greedy answer. Returns [] where the model does
-    not run this way (a probe forward fails)."""
-    dtype = next(model.parameters()).dtype
-    handles = [model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.float())]
-    final = _final_norm(model)  # the final norm's output stays fp32: `_exact_logits` takes it
-    for module in model.modules():
-        name = type(module).__name__.lower()
-        if "norm" in name and module is not final and not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            # a norm's output feeds the next linear layers: bf16 there, one cast per norm rather than per linear
-            handles.append(module.register_forward_hook(lambda module, args, output: output.to(dtype)))
-        elif "rotary" in name:
-            handles.append(module.register_forward_hook(
-                lambda module, args, output: tuple(t.to(dtype) for t in output) if isinstance(output, tuple) else output))
-    try:
-        with torch.inference_mode():
-            works = bool(torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all())
-    except (RuntimeError, TypeError, ValueError):
-        works = False
-    if not works:  # an architecture these hooks do not fit: whole-model bf16 it is
-        for handle in handles:
-            handle.remove()
-        return []
-    return handles
-
-
-EXACT_CANDIDATES = 8
-
-
-def _exact_logits(model, on: bool) -> None:
-    """In a bf16 model, the logits of the best EXACT_CANDIDATES tokens of each position are recomputed in fp32
-    from the final norm's fp32 output (hooks on the final norm and the LM head; `on=False` removes them).
-
-    Why: bf16 logits near 20-30 are rounded to steps of 0.125, so close candidates tie or swap on rounding alone,
-    and padding or batch shape (batched vs one prompt at a time) decides which wins. Refining only the top
-    candidates costs a few dot products per position instead of an fp32 LM head (a fifth of the model's FLOPs);
-    the other logits stay bf16-rounded, far below the candidates that greedy decoding or sampling can pick."""
-    hooks = getattr(model, "_vlsafe_exact_logits", None)
-    if not on:
-        for handle in hooks or ():
-            handle.remove()
-        model._vlsafe_exact_logits = None
-        return
-    if hooks:
-        return
-    head, norm = model.get_output_embeddings(), _final_norm(model)
-    if head is None or getattr(head, "bias", None) is not None:
-        return
-
-    def norm_fp32(module, args, output):
-        return _rms_norm_fp32(module, args[0])
-
-    def keep_input(module, args):
-        module._vlsafe_hidden = args[0]
-        return (args[0].to(module.weight.dtype),) + tuple(args[1:])
-
-    def refine(module, args, output):
-        hidden, module._vlsafe_hidden = module._vlsafe_hidden, None
-        logits = output.float()
-        top = logits.topk(min(EXACT_CANDIDATES, logits.shape[-1]), dim=-1).indices
-        exact = (module.weight[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
-        return logits.scatter(-1, top, exact)
-
-    handles = [head.register_forward_pre_hook(keep_input), head.register_forward_hook(refine)]
-    if norm is not None:  # a norm not found: the hidden state reaches the head bf16-rounded, the logits still fp32
-        handles.append(norm.register_forward_hook(norm_fp32))
-    model._vlsafe_exact_logits = handles + _fp32_residual(model)  # last: its probe runs the whole model
-
-
-def _final_norm(model):
-    """The RMS norm just before the LM head (Llama-family decoders, also inside a vlsafe VLM), or None."""
-    decoder = model.language_model if hasattr(model, "language_model") else model
-    decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if norm is None or not hasattr(norm, "weight") or getattr(norm, "bias", None) is not None:
-        return None
-    probe = torch.randn(2, norm.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(norm.weight)
-    with torch.inference_mode():  # another arithmetic (LayerNorm's mean, Gemma's 1 + weight): leave it alone
-        same = torch.allclose(norm(probe).float(), _rms_norm_fp32(norm, probe).float(), rtol=2e-2, atol=1e-2)
-    return norm if same else None
-
-
-def _rms_norm_fp32(norm, x: torch.Tensor) -> torch.Tensor:
-    """RMS norm in fp32 (as Llama's computes inside), its output left unrounded."""
-    x = x.float()
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    return norm.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 @dataclass
