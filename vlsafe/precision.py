@@ -2,7 +2,8 @@
 
     fp32   everything in float32
     bf16   training: mixed precision (bf16 autocast, fp32 master weights and optimizer state);
-           evaluation: the weights cast to bfloat16
+           evaluation: the weights cast to bfloat16, bf16 matmuls and KV cache, while the residual stream,
+           the final norm and the top logits stay fp32 (vlsafe/eval/generate.py `set_precision`)
     fp16   training on CUDA GPUs only (mixed, with loss scaling); never on a CPU
     auto   bf16 where the hardware runs it natively, fp32 elsewhere
 
@@ -64,3 +65,103 @@ def resolve(name: str, device: str = "cpu") -> str:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a concrete precision (fp32 | bf16 | fp16)."""
     return _TORCH[name]
+
+
+# ------------------------------------------------------------------------------------------------ bf16 generation
+def _fp32_residual(model) -> list:
+    """Hooks that keep a bf16 model's residual stream in fp32, as autocast would, without casting weights per step.
+
+    The embeddings' output becomes fp32, so every `hidden + sublayer(hidden)` adds in fp32; each norm (computed in
+    fp32 inside) hands bf16 to the linear layers after it, and rotary cos/sin follow the weights so that queries,
+    keys and the KV cache stay bf16. Why: in whole-model bf16 the residual is rounded to 8 bits after every layer,
+    and that drift, more than the matmuls, is what moves the logits away from fp32 (SmolLM2-135M, one prompt: max
+    logit error 0.92, against 0.28 with this) and lets padding or batch shape change a greedy answer.
+    Returns [] where the model does not run this way (a probe forward fails)."""
+    dtype = next(model.parameters()).dtype
+    embeddings = model.get_input_embeddings()
+    handles = [embeddings.register_forward_hook(lambda module, args, output: output.float())]
+    final = _final_norm(model)  # the final norm's output stays fp32: `mixed_bf16` takes it
+    for module in model.modules():
+        name = type(module).__name__.lower()
+        batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)  # a vision tower's, bf16 already
+        if "norm" in name and module is not final and not batchnorm:
+            # a norm's output feeds the next linear layers: bf16 there, one cast per norm rather than per linear
+            handles.append(module.register_forward_hook(lambda module, args, output: output.to(dtype)))
+        elif "rotary" in name:
+            handles.append(module.register_forward_hook(
+                lambda module, args, output: tuple(t.to(dtype) for t in output) if isinstance(output, tuple)
+                else output))
+    try:
+        with torch.inference_mode():
+            works = bool(torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all())
+    except (RuntimeError, TypeError, ValueError):
+        works = False
+    if not works:  # an architecture these hooks do not fit: whole-model bf16 it is
+        for handle in handles:
+            handle.remove()
+        return []
+    return handles
+
+
+EXACT_CANDIDATES = 8
+
+
+def mixed_bf16(model, on: bool) -> None:
+    """Hooks that make a bf16 model generate in mixed precision (`on=False` removes them): the residual stream in
+    fp32 (`_fp32_residual`), and the logits of the best EXACT_CANDIDATES tokens of each position recomputed in
+    fp32 from the final norm's fp32 output.
+
+    Why: bf16 logits near 20-30 are rounded to steps of 0.125, so close candidates tie or swap on rounding alone,
+    and padding or batch shape (batched vs one prompt at a time) decides which wins. Refining only the top
+    candidates costs a few dot products per position instead of an fp32 LM head (a fifth of the model's FLOPs);
+    the other logits stay bf16-rounded, far below the candidates that greedy decoding or sampling can pick."""
+    hooks = getattr(model, "_vlsafe_exact_logits", None)
+    if not on:
+        for handle in hooks or ():
+            handle.remove()
+        model._vlsafe_exact_logits = None
+        return
+    if hooks:
+        return
+    head, norm = model.get_output_embeddings(), _final_norm(model)
+    if head is None or getattr(head, "bias", None) is not None:
+        return
+
+    def norm_fp32(module, args, output):
+        return _rms_norm_fp32(module, args[0])
+
+    def keep_input(module, args):
+        module._vlsafe_hidden = args[0]
+        return (args[0].to(module.weight.dtype),) + tuple(args[1:])
+
+    def refine(module, args, output):
+        hidden, module._vlsafe_hidden = module._vlsafe_hidden, None
+        logits = output.float()
+        top = logits.topk(min(EXACT_CANDIDATES, logits.shape[-1]), dim=-1).indices
+        exact = (module.weight[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter(-1, top, exact)
+
+    handles = [head.register_forward_pre_hook(keep_input), head.register_forward_hook(refine)]
+    if norm is not None:  # a norm not found: the hidden state reaches the head bf16-rounded, the logits still fp32
+        handles.append(norm.register_forward_hook(norm_fp32))
+    model._vlsafe_exact_logits = handles + _fp32_residual(model)  # last: its probe runs the whole model
+
+
+def _final_norm(model):
+    """The RMS norm just before the LM head (Llama-family decoders, also inside a vlsafe VLM), or None."""
+    decoder = model.language_model if hasattr(model, "language_model") else model
+    decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    if norm is None or not hasattr(norm, "weight") or getattr(norm, "bias", None) is not None:
+        return None
+    probe = torch.randn(2, norm.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(norm.weight)
+    with torch.inference_mode():  # another arithmetic (LayerNorm's mean, Gemma's 1 + weight): leave it alone
+        same = torch.allclose(norm(probe).float(), _rms_norm_fp32(norm, probe).float(), rtol=2e-2, atol=1e-2)
+    return norm if same else None
+
+
+def _rms_norm_fp32(norm, x: torch.Tensor) -> torch.Tensor:
+    """RMS norm in fp32 (as Llama's computes inside), its output left unrounded."""
+    x = x.float()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return norm.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
