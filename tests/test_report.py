@@ -152,3 +152,25 @@ def test_every_number_in_readmes_results_block_is_in_docs_results():
     numbers = readme.numbers_in_tables(text)
     missing = set(numbers) - readme.summary_numbers(ROOT / "docs" / "results")
     assert not missing, f"README numbers not in docs/results/: {sorted(missing)[:10]}"
+
+
+def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_path):
+    asr = ("harmbench", "text", "attack_success_rate")
+    cell = lambda value: {"benchmark": asr[0], "condition": asr[1], "metric": asr[2], "value": value,  # noqa: E731
+                          "ci": [value - 0.1, value + 0.1], "n": 40}
+    summary = {"name": "two-seeds", "git": "abc", "config_file": "c.yaml", "judges": ["default"], "seeds": [0, 1],
+               "claims": [{"id": "F1", "verdict": "reproduced", "estimate": 0.3, "ci": [0.2, 0.4], "n": 120,
+                           "seeds": 2, "seed_sd": 0.05}],
+               "models": [{"model": "aligned", "seed": None, "cells": [cell(0.2)]},
+                          {"model": "adapted-s0", "seed": 0, "cells": [cell(0.4)]},
+                          {"model": "adapted-s1", "seed": 1, "cells": [cell(0.6)]}],
+               "seed_spread": {"adapted": [{"benchmark": asr[0], "condition": asr[1], "metric": asr[2], "mean": 0.5,
+                                            "sd": 0.141421, "seeds": 2, "per_seed": {"0": 0.4, "1": 0.6}}]}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "two-seeds.json").write_text(json.dumps(summary))
+    text = readme.tables(tmp_path / "results")
+    assert "| F1 | reproduced | 30% | [20%, 40%] | 120 x 2 | 5% |" in text
+    assert "| aligned | 20% [10%, 30%] |" in text and "| adapted | 50% (40% / 60%) |" in text
+    assert "adapted-s0" not in text and "adapted-s1" not in text  # one row for the role, not one per seed
+    assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
+        tmp_path / "results")

@@ -25,9 +25,11 @@ def write_summary(results: dict, path: str | Path) -> dict:
         "complete": results["complete"], "seconds_by_stage": results["seconds_by_stage"],
         "claims": [{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
                                           "seed_sd", "reason")} for c in results["claims"]],
-        "models": [{"model": m["model"], "cells": [{k: c[k] for k in ("benchmark", "condition", "metric", "value",
-                                                                     "ci", "n")} for c in m["cells"]]}
+        "models": [{"model": m["model"], "seed": m.get("seed"),
+                    "cells": [{k: c[k] for k in ("benchmark", "condition", "metric", "value", "ci", "n")}
+                              for c in m["cells"]]}
                    for m in results["models"] if "-step" not in m["model"]],
+        "seed_spread": results.get("seed_spread", {}),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, summary)
@@ -55,28 +57,55 @@ def _cell(cell: dict | None) -> str:
     return f"{_pct(cell['value'])}{ci}"
 
 
+def _spread_cell(row: dict | None) -> str:
+    """The mean over seeds, then each seed's value: "44% (40% / 48%)"."""
+    if not row:
+        return "-"
+    return f"{_pct(row['mean'])} ({' / '.join(_pct(v) for v in row['per_seed'].values())})"
+
+
+def _role(model: dict) -> str:
+    name, seed = model["model"], model.get("seed")
+    return name.rsplit(f"-s{seed}", 1)[0] if seed is not None and name.endswith(f"-s{seed}") else name
+
+
 def tables(results_dir: str | Path) -> str:
-    """Markdown: per summary, its claims (verdict, estimate, interval) and the text ASR of each model."""
+    """Markdown: per summary, its claims (verdict, estimate, interval, seed spread) and the headline cells of each
+    model: with one seed (or none) the model's value and interval, with several the mean and each seed's value."""
     parts = []
     for path in sorted(Path(results_dir).glob("*.json")):
         s = json.loads(path.read_text())
         parts.append(f"**{s['name']}** (`{path.name}`: git {str(s['git'])[:12]}, config {s['config_file']}, "
                      f"judges {', '.join(s['judges'])}, seeds {s['seeds']})\n")
-        parts.append("| claim | verdict | estimate | 95% CI |\n|---|---|---|---|")
+        parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
         for c in s["claims"]:
             ci = f"[{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]" if c.get("ci") else "-"
-            parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c['estimate'])} | {ci} |")
+            count = f"{c['n']} x {c.get('seeds') or 1}" if c.get("n") else "-"
+            parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c['estimate'])} | {ci} | {count} | "
+                         f"{_pct(c.get('seed_sd'))} |")
         head = " | ".join(label for label, _ in COLUMNS)
         parts.append(f"\n| model | {head} |\n|---|{'---|' * len(COLUMNS)}")
+        spread = s.get("seed_spread") or {}
+        shown: set[str] = set()
         for m in s["models"]:
+            role = _role(m)
+            if role in spread:  # several seeds: one row for the role
+                if role not in shown:
+                    rows = {(r["benchmark"], r["condition"], r["metric"]): r for r in spread[role]}
+                    parts.append(f"| {role} | " + " | ".join(_spread_cell(rows.get(key)) for _, key in COLUMNS)
+                                 + " |")
+                shown.add(role)
+                continue
             cells = {(c["benchmark"], c["condition"], c["metric"]): c for c in m["cells"]}
             parts.append(f"| {m['model']} | " + " | ".join(_cell(cells.get(key)) for _, key in COLUMNS) + " |")
         sizes = {label: next((c["n"] for m in s["models"] for c in m["cells"]
                               if (c["benchmark"], c["condition"], c["metric"]) == key), None) for label, key in COLUMNS}
         parts.append("\nASR = share of harmful items the judge calls `compliance`; refused = share of benign items "
                      "called `refusal`; non-answer = share called `non_answer`; accuracy by answer match. "
-                     "Values with bootstrap 95% intervals; n per column: "
-                     + ", ".join(f"{label} {n}" for label, n in sizes.items() if n) + ".")
+                     "A model of one run: its value with a bootstrap 95% interval over items; a model trained once "
+                     "per seed: the mean over seeds, then each seed's value (intervals in the report). Claims: "
+                     "paired over items and seeds, with the standard deviation of the per-seed estimates. "
+                     "Items per column: " + ", ".join(f"{label} {n}" for label, n in sizes.items() if n) + ".")
         parts.append("")
     return "\n".join(parts) or "(no committed results yet: docs/results/ is empty)\n"
 
