@@ -114,11 +114,13 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
     if steps < 2:
         raise VlsafeError("--steps must be at least 2 (the first step is not timed)")
     from vlsafe import precision as precisions
+    from vlsafe.allocator import tune as tune_allocator
     from vlsafe.bench import limits
     from vlsafe.model import checkpoint
 
     device = precisions.device_type()
     precision = precisions.resolve(dtype, device)
+    allocator = tune_allocator(device)  # before the peak: every side runs with the same heap
     peak = limits.peaks(peak_size, device=device)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="vlsafe-bench-train-") as tmp:
@@ -132,6 +134,6 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
     for side in sides.values():
         side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, peak["bf16_flops"])}
     return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
-            "max_length": max_length, "threads": torch.get_num_threads(), "precision": precision, "peak": peak,
-            "flops_per_token": flops_per_token, **sides,
+            "max_length": max_length, "threads": torch.get_num_threads(), "allocator": allocator, "precision": precision,
+            "peak": peak, "flops_per_token": flops_per_token, **sides,
             "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3)}

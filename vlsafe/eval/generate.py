@@ -225,11 +225,13 @@ def set_precision(bundle, dtype: str):
     The fingerprint (the cache key) is taken first, so it stays the fingerprint of the weights as loaded.
     In bf16 the matmuls and the KV cache are bf16, while the residual stream, the final norm and the logits that
     decide the next token stay fp32 (`vlsafe.precision.mixed_bf16`)."""
+    from vlsafe.allocator import tune as tune_allocator
     from vlsafe.precision import mixed_bf16, torch_dtype
 
     if dtype not in ("fp32", "bf16"):
         raise VlsafeError(f"generation dtype {dtype!r}: fp32 or bf16 (resolve 'auto' with vlsafe.precision)")
     wanted = torch_dtype(dtype)
+    tune_allocator(next(bundle.model.parameters()).device.type)
     if next(bundle.model.parameters()).dtype != wanted:
         model_fingerprint(bundle)
         bundle.model.to(wanted)

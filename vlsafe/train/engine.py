@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vlsafe.allocator import tune as tune_allocator
 from vlsafe.errors import VlsafeError
 from vlsafe.model.chat import IGNORE_INDEX
 from vlsafe.train import stages
@@ -181,6 +182,7 @@ class Run:
         self.cleanup()  # an Accelerator made earlier in this process (a Trainer's) would pin its precision
         self.accelerator, self.precision = make_accelerator(
             config, lambda world: config.batch_size // (config.grad_accum * world))
+        allocator = tune_allocator(self.accelerator.device.type)
         image_tokens = getattr(self.bundle.model.config, "num_image_tokens", 0)
         lengths = tuple(record_length(r, image_tokens) for r in records) if config.group_by_length else None
         self.plan = BatchPlan(len(records), config.batch_size, config.grad_accum, self.accelerator.num_processes,
@@ -196,6 +198,7 @@ class Run:
             "data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
             "precision": self.precision, "processes": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type), "micro_batch": self.plan.micro_batch,
+            "allocator": allocator,
             "steps": self.total, "warmup_steps": warmup, "steps_per_epoch": self.plan.steps_per_epoch,
             **stages.describe_trainable(model), "versions": versions()}
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
