@@ -57,6 +57,51 @@ def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, 
     assert tokenizer.decode(shared).endswith("<|im_start|>user\n")  # the chat preamble ran once
 
 
+def test_a_long_prompt_prefills_apart_from_short_ones_and_answers_stay_those_of_naive(chatty_pico, monkeypatch):
+    bundle = chatty_pico
+    long_text = "Summarise this text. " + " ".join(f"Line {i} says the weather was fine." for i in range(40))
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS[:8] + [long_text])]
+    fmt = bundle.formatter()
+    lengths = [len(fmt.encode_prompt(p.text).input_ids) for p in prompts]
+    budget = 3 * sorted(lengths)[-2]  # three medium prompts fit, the long one only alone
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", budget)
+    prefills = []
+    real_start = generation._start
+
+    def start(fmt, encoded, index, shared, prefix_cache, pad):
+        prefills.append((len(index), max(len(e.input_ids) - len(shared) for e in encoded)))
+        return real_start(fmt, encoded, index, shared, prefix_cache, pad)
+
+    monkeypatch.setattr(generation, "_start", start)
+    decoding = generation.Decoding(max_new_tokens=12)
+    answers = generation.generate(bundle, prompts, decoding, batch_size=len(prompts))
+    assert answers == _naive(bundle, prompts, decoding)
+    assert sum(rows for rows, _ in prefills) == len(prompts) and len(prefills) > 1
+    assert all(rows == 1 or rows * width <= budget for rows, width in prefills)
+    assert (1, max(width for _, width in prefills)) in prefills  # the long prompt prefilled alone
+
+
+def test_answers_reach_the_cache_as_they_finish_so_a_killed_run_keeps_them(chatty_pico, tmp_path):
+    from vlsafe.eval.cache import Cache
+
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    decoding = generation.Decoding(max_new_tokens=12)
+    cache = Cache(tmp_path / "eval.sqlite")
+    finished = []
+
+    def progress(n):
+        finished.append(n)
+        raise KeyboardInterrupt  # killed right after the first answers finished
+
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate(chatty_pico, prompts, decoding, batch_size=4, cache=cache, progress=progress)
+    kept = cache.get_many(generation.generation_keys(chatty_pico, prompts, decoding))
+    assert len(kept) == finished[0] >= 1
+    complete = generation.generate(chatty_pico, prompts, decoding, batch_size=4)
+    by_key = dict(zip(generation.generation_keys(chatty_pico, prompts, decoding), complete))
+    assert all(by_key[key] == text for key, text in kept.items())
+
+
 def test_sampled_generation_is_reproducible_from_its_seed(chatty_pico):
     prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS[:5])]
     decoding = generation.Decoding(max_new_tokens=10, do_sample=True, temperature=1.0, seed=3)

@@ -127,7 +127,7 @@ def generate(bundle, prompts: list[Prompt], decoding: Decoding = Decoding(), bat
         raise VlsafeError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
     run = _generate_hf if backend == "hf" else _generate_vllm
     if cache is None:
-        return run(bundle, prompts, decoding, batch_size, system, progress)
+        return run(bundle, prompts, decoding, batch_size, system, progress, None)
     rows = _rows(bundle, prompts, decoding, system, backend)
     found = cache.get_many([r["key"] for r in rows])
     if progress is not None and found:
@@ -136,8 +136,10 @@ def generate(bundle, prompts: list[Prompt], decoding: Decoding = Decoding(), bat
     seen: dict[str, int] = {}
     unique = [i for i in todo if seen.setdefault(rows[i]["key"], i) == i]  # the same item twice: generate once
     if unique:
-        fresh = run(bundle, [prompts[i] for i in unique], decoding, batch_size, system, progress)
-        cache.put_many([{**rows[i], "response": text} for i, text in zip(unique, fresh)])
+        def store(done: dict[int, str]) -> None:  # as answers finish: a killed run keeps what it generated
+            cache.put_many([{**rows[unique[j]], "response": text} for j, text in done.items()])
+
+        fresh = run(bundle, [prompts[i] for i in unique], decoding, batch_size, system, progress, store)
         found.update({rows[i]["key"]: text for i, text in zip(unique, fresh)})
         if progress is not None and len(todo) > len(unique):
             progress(len(todo) - len(unique))
@@ -164,15 +166,17 @@ def _rows(bundle, prompts, decoding, system, backend) -> list[dict]:
     return rows
 
 
-def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> list[str]:
+def _generate_hf(bundle, prompts, decoding, batch_size, system, progress, on_done) -> list[str]:
     """Up to `batch_size` rows decode together, in segments of SEGMENT_TOKENS new tokens.
 
     Answers vary from a few tokens to the whole budget, and `model.generate` keeps every row until the longest is
     done; so after each segment the finished rows leave the batch (their text is final), and once half the batch
     has left, the next prompts join it (continuous batching): the rows that run long share their steps with
-    new ones instead of running alone. Prompts go in order of length (little padding), and the tokens every prompt
-    starts with (the chat template's preamble and system prompt: often most of a short prompt) run once.
-    Greedy answers are those of one `model.generate` per prompt, up to float rounding.
+    new ones instead of running alone. Prompts go in order of length (little padding), at most PREFILL_TOKENS
+    padded prompt tokens join at a time (a few long prompts do not pad many short ones), and the tokens every
+    prompt starts with (the chat template's preamble and system prompt: often most of a short prompt) run once.
+    Greedy answers are those of one `model.generate` per prompt, up to float rounding. `on_done` (optional) gets
+    {prompt index: answer} as answers finish.
     """
     fmt, model = bundle.formatter(), set_precision(bundle, decoding.dtype)
     encoded = [fmt.encode_prompt(p.text, p.image, system=system, record_id=p.id) for p in prompts]
@@ -197,6 +201,8 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
     def finish(done: dict[int, list[int]]) -> None:
         for i, tokens in done.items():
             out[i] = bundle.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if on_done is not None and done:
+            on_done({i: out[i] for i in done})
         if progress is not None and done:
             progress(len(done))
 
@@ -204,7 +210,8 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
     while pending or rows is not None:
         room = batch_size - (0 if rows is None else len(rows.index))
         if pending and (rows is None or (room >= max(1, batch_size // 2) and positions and _mergeable(rows))):
-            take, pending = pending[:room], pending[room:]
+            take = _joining(pending[:room], [len(encoded[i].input_ids) - len(shared) for i in pending[:room]])
+            pending = pending[len(take):]
             fresh, done = step(_start(fmt, [encoded[i] for i in take], take, shared, prefix_cache, pad))
             finish(done)
             rows = fresh if rows is None or fresh is None else _merge(rows, fresh, pad)
@@ -215,6 +222,18 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress) -> lis
 
 
 SEGMENT_TOKENS = 8
+# padded prompt tokens one prefill may take: enough rows for full-speed matmuls (measured: 2 cores), few enough
+# that one long prompt (HarmBench's contextual behaviours run to 800 tokens) does not pad 31 short ones to its length
+PREFILL_TOKENS = 4096
+
+
+def _joining(candidates: list[int], lengths: list[int]) -> list[int]:
+    """The first of `candidates` (ascending length) whose prefill, padded to the longest, fits PREFILL_TOKENS;
+    at least one."""
+    k = len(candidates)
+    while k > 1 and k * lengths[k - 1] > PREFILL_TOKENS:
+        k -= 1
+    return candidates[:k]
 
 
 def set_precision(bundle, dtype: str):
@@ -339,7 +358,7 @@ def stop_and_pad_ids(bundle) -> tuple[list[int], int]:
     return stop, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
-def _generate_vllm(bundle, prompts, decoding, batch_size, system, progress) -> list[str]:
+def _generate_vllm(bundle, prompts, decoding, batch_size, system, progress, on_done) -> list[str]:
     """vLLM schedules its own batches; `batch_size` does not apply. Images travel as data URLs."""
     directory = weights_dir(bundle)
     if directory is None:
@@ -367,9 +386,12 @@ def _generate_vllm(bundle, prompts, decoding, batch_size, system, progress) -> l
         turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         conversations.append(turns)
     outputs = llm.chat(conversations, params, use_tqdm=False)
+    texts = [o.outputs[0].text.strip() for o in outputs]
+    if on_done is not None:
+        on_done(dict(enumerate(texts)))
     if progress is not None:
         progress(len(prompts))
-    return [o.outputs[0].text.strip() for o in outputs]
+    return texts
 
 
 def _as_list(value) -> list:

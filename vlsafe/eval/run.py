@@ -226,6 +226,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
     decoding = Decoding(max_new_tokens=spec.max_new_tokens, seed=spec.seed, dtype=resolved_dtype)
     items, samples, skipped, item_ids = [], [], [], []
     with atomic_dir(out) as tmp:
+        groups = []  # (entry, benchmark, condition, the prompts as shown)
         for entry, bench, prompts in resolved:
             declared = bench.conditions if bench is not None else ("native",)
             wanted = [c for c in entry.conditions or declared[:1] if conditions is None or c in conditions]
@@ -241,24 +242,32 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
                     continue
                 shown = benchmarks.expand(prompts, condition, tmp / "images")
                 log(f"{entry.name}/{condition}: {len(shown)} items")
-                responses = generate(bundle, shown, decoding, batch_size=batch_size, cache=cache, backend=backend)
-                keys = generation_keys(bundle, shown, decoding, backend=backend)
-                verdicts = {j.name: _judge(j, cache, keys, shown, responses) for j in judge_impls}
-                for i, (prompt, response) in enumerate(zip(shown, responses)):
-                    metric = bench.metric_of(prompt) if bench is not None else benchmarks.metric_for(prompt)
-                    item = {"benchmark": entry.name, "condition": condition, "metric": metric,
-                            "category": prompt.category or "uncategorised",
-                            "verdicts": {name: v[i] for name, v in verdicts.items()}}
-                    if metric == "accuracy":
-                        item["correct"] = answer_correct(response, prompt.answer, prompt.meta.get("aliases", []))
-                    items.append(item)
-                    item_ids.append(f"{entry.name}/{condition}/{prompt.id}")
-                    samples.append({"benchmark": entry.name, "condition": condition, "id": prompt.id,
-                                    "category": prompt.category, "label": prompt.label, "prompt": prompt.text,
-                                    "request": prompt.meta.get("request", prompt.text), "image": _shown_image(prompt.image, tmp),
-                                    "answer": prompt.answer, "response": response, "metric": metric,
-                                    **({"correct": item["correct"]} if "correct" in item else {}),
-                                    "verdicts": item["verdicts"]})
+                groups.append((entry, bench, condition, shown))
+        # one generation for the whole suite: batches stay full and group prompts of like length across benchmarks
+        every = [p for *_, shown in groups for p in shown]
+        all_responses = generate(bundle, every, decoding, batch_size=batch_size, cache=cache, backend=backend)
+        all_keys = generation_keys(bundle, every, decoding, backend=backend)
+        start = 0
+        for entry, bench, condition, shown in groups:
+            responses, keys = all_responses[start:start + len(shown)], all_keys[start:start + len(shown)]
+            start += len(shown)
+            verdicts = {j.name: _judge(j, cache, keys, shown, responses) for j in judge_impls}
+            for i, (prompt, response) in enumerate(zip(shown, responses)):
+                metric = bench.metric_of(prompt) if bench is not None else benchmarks.metric_for(prompt)
+                item = {"benchmark": entry.name, "condition": condition, "metric": metric,
+                        "category": prompt.category or "uncategorised",
+                        "verdicts": {name: v[i] for name, v in verdicts.items()}}
+                if metric == "accuracy":
+                    item["correct"] = answer_correct(response, prompt.answer, prompt.meta.get("aliases", []))
+                items.append(item)
+                item_ids.append(f"{entry.name}/{condition}/{prompt.id}")
+                samples.append({"benchmark": entry.name, "condition": condition, "id": prompt.id,
+                                "category": prompt.category, "label": prompt.label, "prompt": prompt.text,
+                                "request": prompt.meta.get("request", prompt.text),
+                                "image": _shown_image(prompt.image, tmp),
+                                "answer": prompt.answer, "response": response, "metric": metric,
+                                **({"correct": item["correct"]} if "correct" in item else {}),
+                                "verdicts": item["verdicts"]})
         report = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - started, 1), "git": git_hash(),
