@@ -119,7 +119,11 @@ def make_optimizer(model, config: TrainConfig, total_steps: int):
     # the usual split: no weight decay on biases and norm weights (1-d tensors)
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.adam_betas)
+    # fused: one vectorised pass over all tensors instead of a loop of small ops per parameter (measured on 2 cores,
+    # SmolLM2-135M: 0.064 vs 0.175 s a step); what `transformers.Trainer` uses by default too
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.adam_betas,
+                                  fused=fused or None)
     warmup = int(-(-config.warmup_ratio * total_steps // 1))  # ceil, as transformers' Trainer counts it
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps), warmup
 
