@@ -79,6 +79,9 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     assert lineage["eval-adapted-s0"]["judges"][0]["name"] == "refusal-patterns"
     record = json.loads((out / "stages" / "stage2-s0" / "stage.json").read_text())
     assert {"key", "inputs", "config", "command", "seconds", "versions"} <= set(record)
+    # a finished training stage keeps its checkpoints' models (evaluated) but not their resume state
+    step = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2"
+    assert (step / "model.safetensors").is_file() and not (step / "training_state").exists()
 
 
 def test_rerun_reuses_every_stage_and_a_changed_setting_recomputes_only_its_dependants(pico_study, tmp_path):

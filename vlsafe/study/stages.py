@@ -156,6 +156,8 @@ def run_train(ctx: Context, config: dict, folder: Path) -> dict:
             train(load_train_config(config_file), show_progress=ctx.show_progress)
     checkpoints = sorted((p for p in (folder / "run" / "checkpoints").glob("step-*") if p.is_dir()),
                          key=lambda p: int(p.name.split("-")[1]))
+    for step in checkpoints:  # the run is final: what a resume would read (1.6 GB a step for SmolLM2) goes
+        shutil.rmtree(step / "training_state", ignore_errors=True)
     return {"model": rel(ctx, final), "run": rel(ctx, folder / "run"),
             "checkpoints": [rel(ctx, p) for p in checkpoints]}
 
