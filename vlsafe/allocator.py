@@ -4,7 +4,7 @@ glibc serves an allocation above its mmap threshold (128 KiB at start, rising to
 pages from the kernel and gives them back when it is freed. A CPU forward or backward pass allocates and frees
 tens of megabytes per operation (a 32 x 360 x 1536 fp32 activation is 70 MB), so every operation first takes a
 page fault per 4 KiB to get zeroed pages, then returns them: that kernel work was a third of the CPU time of
-`vlsafe bench train` and a sixth of an evaluation's. `tune` turns mmap off for the heap (M_MMAP_MAX = 0) and stops it
+`vlsafe bench train` and a tenth of an evaluation's. `tune` turns mmap off for the heap (M_MMAP_MAX = 0) and stops it
 from trimming its free top (M_TRIM_THRESHOLD), so freed blocks are reused by the next operation.
 
 Measured on 2 cores (SmolLM2-135M + EfficientNet-Lite0, bf16, `vlsafe bench train --steps 6`, runs alternating
