@@ -54,3 +54,16 @@ def test_gpu_runs_are_left_alone():
     probe = "from vlsafe import allocator; print(allocator.tune('cuda'), allocator.state())"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["system", "system"]  # a fresh process: a GPU run does not set the heap
+
+
+def test_a_bad_setting_is_one_line_exit_2_and_no_output(tmp_path, monkeypatch, capsys):
+    from vlsafe import allocator
+    from vlsafe.cli import main
+
+    monkeypatch.setattr(allocator, "_state", {"applied": None})  # as in a fresh process
+    monkeypatch.setenv("VLSAFE_MALLOC", "jemalloc")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "pico", "--suite", "quick", "--limit", "1", "--out", str(out),
+                 "--cache", str(tmp_path / "c.sqlite")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: VLSAFE_MALLOC='jemalloc': 'heap' (the default) or 'system'"] and not out.exists()

@@ -23,6 +23,7 @@ def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, 
     assert abs(ours["final_loss"] - base["final_loss"]) < (1e-4 if dtype == "fp32" else 1e-3)
     assert ours["precision"] == base["precision"] == report["precision"] == dtype
     assert report["peak"]["fp32_flops"] > 0 and report["peak"]["bf16_flops"] > 0
+    assert report["allocator"].startswith("heap")  # both sides ran with the heap vlsafe sets for CPU runs
     for side in (ours, base):  # MFU = tokens/s x FLOPs per token / bf16 peak
         assert side["mfu"] == pytest.approx(side["tokens_per_s"] * report["flops_per_token"]
                                             / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)

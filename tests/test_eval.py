@@ -97,6 +97,9 @@ def test_eval_of_a_vlm_writes_results_with_cis_and_a_rerun_generates_nothing(pic
     assert {"refused", "score", "harmful"} <= set(samples[0]["verdicts"]["refusal-patterns"])
 
     calls = _counting(monkeypatch)
+    assert main([*args, "--out", str(tmp_path / "run1b"), "--cache", str(tmp_path / "fresh.sqlite")]) == 0
+    assert len(calls) == 1  # every benchmark and condition of the suite in one generation pass
+    calls.clear()
     assert main([*args, "--out", str(tmp_path / "run2")]) == 0
     assert calls == []
     rerun = json.loads((tmp_path / "run2" / "results.json").read_text())

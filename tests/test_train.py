@@ -105,6 +105,7 @@ def test_run_records_config_checkpoints_and_logs(work, adapted):
     saved = yaml.safe_load((stage2 / "config.yaml").read_text())
     assert saved["lr"] == 3e-3 and saved["provenance"]["data"][0]["records"] == 6
     assert len(saved["provenance"]["data"][0]["sha256"]) == 64 and saved["provenance"]["versions"]["torch"]
+    assert saved["provenance"]["allocator"].startswith("heap (no mmap, no trim")  # CPU run: vlsafe/allocator.py
     rows = [json.loads(line) for line in (stage2 / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
@@ -374,3 +375,16 @@ def test_every_setting_is_documented_once_and_shown_by_help():
     for name, field in TrainConfig.model_fields.items():
         if name != "provenance":
             assert f"{name}: {' '.join(field.description.split())}" in shown, name
+
+
+def test_the_optimizer_is_fused_adamw_with_decay_only_on_matrices():
+    from vlsafe.train.config import TrainConfig
+    from vlsafe.train.engine import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    config = TrainConfig(stage="full", model="pico", data=[{"path": "x.json"}], out="unused", lr=1e-3, batch_size=2,
+                         weight_decay=0.1)
+    optimizer, _, _ = make_optimizer(model, config, total_steps=10)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]

@@ -14,7 +14,7 @@ suite spent 14 s in the kernel instead of 5. The cost is memory: the heap keeps 
 blocks fragment, so a process settles at about 1.3x the peak it would otherwise have (a feed-forward block of 70 MB
 activations: 1.1 GB instead of 0.86 GB), then stops growing and stops faulting (tests/test_allocator.py).
 It is applied to CPU runs only (a GPU run's host memory is mostly loading, which it would keep), once per process,
-on Linux with glibc; `VLSAFE_MALLOC=system` leaves the allocator as it is.
+on Linux with glibc; `VLSAFE_MALLOC=system` leaves the allocator as it is (`heap`, the default, sets it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+from vlsafe.errors import VlsafeError
 
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -43,7 +45,10 @@ def tune(device: str = "cpu") -> str:
 
 
 def _apply() -> str:
-    if os.environ.get("VLSAFE_MALLOC", "") == "system":
+    wanted = os.environ.get("VLSAFE_MALLOC", "heap") or "heap"
+    if wanted not in ("heap", "system"):
+        raise VlsafeError(f"VLSAFE_MALLOC={wanted!r}: 'heap' (the default) or 'system'")
+    if wanted == "system":
         return "system (VLSAFE_MALLOC=system)"
     if not sys.platform.startswith("linux"):
         return "system"
