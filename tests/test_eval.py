@@ -223,6 +223,21 @@ def test_image_questions_are_scored_against_answer_and_aliases(pico_vlm, tmp_pat
     assert (row["condition"], row["metric"], row["n"]) == ("native", "accuracy", 4)
 
 
+def test_a_closed_answer_counts_only_when_the_reply_names_it_and_no_other_choice():
+    from vlsafe.data.synthetic import POSITIONS
+    from vlsafe.eval.metrics import answer_correct
+
+    where = list(POSITIONS)
+    assert answer_correct("It is on the left.", "left", choices=where)
+    assert answer_correct("The pink circle is in the top left.", "top left", choices=where)
+    assert not answer_correct("The pink circle is in the top left.", "left", choices=where)  # names "top left"
+    assert not answer_correct("The circle is at the top.", "left", choices=where)
+    assert not answer_correct("It is red or blue.", "red", choices=["red", "blue", "green"])  # two choices: a guess
+    assert answer_correct("There are five stars.", "5", ["five"], [str(i) for i in range(1, 7)])
+    assert not answer_correct("There are 15 stars.", "5", ["five"], [str(i) for i in range(1, 7)])
+    assert answer_correct("Forty-two!", "forty-two") and not answer_correct("142", "42")  # open answers as before
+
+
 def test_bad_eval_input_exits_2_and_leaves_nothing(tmp_path, capsys):
     base = ["eval", "--model", "pico", "--cache", str(tmp_path / "c.sqlite")]
     assert main([*base, "--suite", "nope", "--out", str(tmp_path / "a")]) == 2

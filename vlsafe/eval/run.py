@@ -35,7 +35,7 @@ from vlsafe.eval.benchmarks import METRICS
 SUITE_DIR = Path(__file__).with_name("suites")
 SCHEMA, SCHEMA_VERSION = "vlsafe.eval", 3
 HIGHER_IS_BETTER = {name: fact.higher_is_better for name, fact in METRICS.items()}  # from benchmarks.yaml
-ANSWER_MATCH = ("answer-match", "1")  # (judge, version) of accuracy rows: metrics.answer_correct
+ANSWER_MATCH = ("answer-match", "2")  # (judge, version) of accuracy rows: metrics.answer_correct
 
 
 class SuiteEntry(BaseModel):
@@ -258,7 +258,8 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
                         "category": prompt.category or "uncategorised",
                         "verdicts": {name: v[i] for name, v in verdicts.items()}}
                 if metric == "accuracy":
-                    item["correct"] = answer_correct(response, prompt.answer, prompt.meta.get("aliases", []))
+                    item["correct"] = answer_correct(response, prompt.answer, prompt.meta.get("aliases", []),
+                                                     prompt.meta.get("choices", []))
                 items.append(item)
                 item_ids.append(f"{entry.name}/{condition}/{prompt.id}")
                 samples.append({"benchmark": entry.name, "condition": condition, "id": prompt.id,

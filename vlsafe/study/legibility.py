@@ -43,7 +43,7 @@ def items(n: int, seed: int, image_dir: Path):
 def correct(response: str, word: str, options: list[str]) -> bool:
     from vlsafe.eval.metrics import answer_correct
 
-    return answer_correct(response, word) and not any(answer_correct(response, o) for o in options if o != word)
+    return answer_correct(response, word, choices=options)
 
 
 def probe(model: str, image_dir: str | Path, n: int = 24, seed: int = 0, cache_path: str | None = None,
