@@ -324,6 +324,25 @@ def test_item_outcomes_use_the_three_way_verdict_when_present():
     assert found["harmbench", "text", "2"]["attack"] is True
 
 
+def test_a_kind_version_bump_rekeys_that_kind_and_what_reads_it_only(tmp_path, monkeypatch):
+    from vlsafe.study import dag
+    from vlsafe.study.config import load_study
+    from vlsafe.study.plan import build_plan
+
+    def keys():
+        plan = build_plan(load_study(_config(tmp_path, "versions"))[0])
+        return {s.name: (s.kind, s.key) for s in plan.dag.assign_keys(lambda f: "same")}
+
+    before = keys()
+    monkeypatch.setitem(dag.KIND_VERSIONS, "legibility", dag.KIND_VERSIONS.get("legibility", 0) + 1)
+    after = keys()
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed and {before[n][0] for n in changed} == {"legibility"}  # nothing reads the probe but the report
+    monkeypatch.setitem(dag.KIND_VERSIONS, "train", dag.KIND_VERSIONS.get("train", 0) + 1)
+    retrained = {name for name in before if before[name] != keys()[name]}
+    assert {before[n][0] for n in retrained} >= {"train", "eval", "merge"}  # every model and what reads it
+
+
 def test_analysis_switch_adds_the_layer_analysis_and_the_merges_it_proposes(tmp_path):
     from vlsafe.study.config import load_study
     from vlsafe.study.plan import build_plan

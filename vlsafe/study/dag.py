@@ -88,11 +88,15 @@ class Dag:
         ordered = self.order()
         for stage in ordered:
             stage.key = stage_key(stage, {n: self.stages[n].key for n in stage.inputs},
-                                  {f: fingerprint(f) for f in stage.files})
+                                  {f: fingerprint(f) for f in stage.files}, KIND_VERSIONS.get(stage.kind, 0))
         return ordered
 
 
-CODE_VERSION = 1  # bump when what every stage writes changes; a kind's own version lives in stages.VERSIONS
+CODE_VERSION = 1  # bump when what every stage writes changes
+# a kind's own code version (0 where never bumped): bump it when what that kind writes changes, and a finished study
+# redoes only those stages and what reads them. eval, legibility 1: a closed-set answer counts only when the reply
+# names no other choice (vlsafe.eval.metrics.answer_correct); the answers themselves come back from the cache
+KIND_VERSIONS = {"eval": 1, "legibility": 1}
 
 
 def stage_key(stage: Stage, input_keys: dict[str, str], file_prints: dict[str, str], version: int = 0) -> str:

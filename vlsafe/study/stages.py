@@ -17,9 +17,6 @@ from typing import Any, Callable
 
 from vlsafe.errors import VlsafeError
 
-# a kind's code version (part of its key). eval and legibility 2: closed-set answers count only when the reply names
-# no other choice (vlsafe.eval.metrics.answer_correct), so their accuracies are recomputed (answers come from the cache)
-VERSIONS = {"train": 1, "eval": 2, "merge": 1, "legibility": 2}
 RESUMABLE = {"train"}  # kinds whose partial folder is kept across a kill (training resumes from its checkpoint)
 
 
