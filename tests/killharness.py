@@ -169,7 +169,7 @@ def clean(folder: Path) -> None:
 # Left out: wall times (`seconds`, `seconds_by_stage`), dates, library versions and the git commits (VOLATILE,
 # `report_git`): they describe when and where a run happened, not what it computed. Paths that name each run's
 # own folder (an eval's model `spec`, its corpus, image paths) are compared with that folder replaced.
-STUDY_VOLATILE = frozenset({"seconds_by_stage", "report_git"})
+STUDY_VOLATILE = frozenset({"seconds_by_stage", "report_git", "answers_from_cache"})
 
 
 def _study_json(path: Path, run: Path):

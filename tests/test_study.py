@@ -97,6 +97,23 @@ def test_rerun_reuses_every_stage_and_a_changed_setting_recomputes_only_its_depe
     rerun = {name for name in after if after[name] != before.get(name)}
     assert rerun == {"merge-linear-aligned-0.25-s0", "eval-merge-linear-aligned-0.25-s0"}
     assert result["reused_stages"] == len(json.loads((out / "plan.json").read_text())["stages"]) - 2
+    assert result["answers_from_cache"] == []  # every evaluation so far generated its answers
+
+
+def test_a_new_eval_version_rescores_every_model_from_the_cache(pico_study, tmp_path, monkeypatch):
+    from vlsafe.study import dag
+
+    out, first = pico_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    monkeypatch.setitem(dag.KIND_VERSIONS, "eval", dag.KIND_VERSIONS.get("eval", 0) + 1)
+    result = run_study(None, "pico", copy, log=lambda m: None, show_progress=False)
+    evals = sorted(s["name"] for s in json.loads((copy / "plan.json").read_text())["stages"]
+                   if s["name"].startswith("eval-"))
+    assert evals and result["reused_stages"] == len(json.loads((copy / "plan.json").read_text())["stages"]) - len(evals)
+    ran = [n for n in evals if "eval" in json.loads((copy / "stages" / n / "stage.json").read_text())["outputs"]]
+    assert result["answers_from_cache"] == ran  # re-scored, nothing generated: their seconds are not a first run's
+    assert result["claims"] == first["claims"]
 
 
 def test_kill_then_the_same_command_resumes_to_the_same_results(pico_study, tmp_path):

@@ -295,6 +295,11 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "complete": all(n in data["records"] for n in planned), "failed": data["failed"],
         "stages_done": len(data["records"]), "stages_planned": len(planned),
         "seconds_by_stage": {n: r.get("seconds") for n, r in data["records"].items()},
+        # evaluations that generated nothing (every answer came from the cache, e.g. re-scored after a judge or
+        # matcher change): their seconds are judging time only, not what a first run takes
+        "answers_from_cache": sorted(f"eval-{n}" for n, m in data["models"].items()
+                                     if m["results"].get("cache", {}).get("generation_hits")
+                                     and not m["results"]["cache"].get("generation_misses")),
         "claims": claims,
         "models": (table := model_table(data)),
         "seed_spread": seed_spread(table),

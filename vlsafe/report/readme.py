@@ -24,6 +24,7 @@ def write_summary(results: dict, path: str | Path) -> dict:
         "format": "vlsafe.results-summary/1", "git": results["git"], "config_file": results["config_file"],
         "name": results["config"].get("name"), "seeds": results["config"].get("seeds"), "judges": results["judges"],
         "complete": results["complete"], "seconds_by_stage": results["seconds_by_stage"],
+        "answers_from_cache": results.get("answers_from_cache", []),
         "claims": [{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
                                           "seed_sd", "reason")} for c in results["claims"]],
         "models": [{"model": m["model"], "seed": m.get("seed"),
