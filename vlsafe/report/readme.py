@@ -38,6 +38,11 @@ def write_summary(results: dict, path: str | Path) -> dict:
     return summary
 
 
+def _commits(git) -> str:
+    """One commit, or the commits a run spans (e.g. training at one, re-scored evaluations at a later one)."""
+    return " + ".join(str(c)[:12] for c in (git if isinstance(git, list) else [git]))
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{round(100 * value)}%"
 
@@ -72,7 +77,7 @@ def tables(results_dir: str | Path) -> str:
     parts = []
     for path in sorted(Path(results_dir).glob("*.json")):
         s = json.loads(path.read_text())
-        parts.append(f"**{s['name']}** (`{path.name}`: git {str(s['git'])[:12]}, config {s['config_file']}, "
+        parts.append(f"**{s['name']}** (`{path.name}`: git {_commits(s['git'])}, config {s['config_file']}, "
                      f"judges {', '.join(s['judges'])}, seeds {s['seeds']})\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
         for c in s["claims"]:
