@@ -172,5 +172,9 @@ def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_p
     assert "| F1 | reproduced | 30% | [20%, 40%] | 120 x 2 | 5% |" in text
     assert "| aligned | 20% [10%, 30%] |" in text and "| adapted | 50% (40% / 60%) |" in text
     assert "adapted-s0" not in text and "adapted-s1" not in text  # one row for the role, not one per seed
+    assert "git abc, config c.yaml" in text
+    # a run that spans commits (trained at one, its evaluations re-scored at a later one) names them all
+    (tmp_path / "results" / "two-seeds.json").write_text(json.dumps({**summary, "git": ["a" * 40, "b" * 40]}))
+    assert f"git {'a' * 12} + {'b' * 12}, config" in readme.tables(tmp_path / "results")
     assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
         tmp_path / "results")
