@@ -105,7 +105,10 @@ def test_a_partial_run_reports_what_is_done_and_a_stale_stage_is_left_out(tmp_pa
 
 def test_report_html_is_self_contained_with_every_section(tmp_path):
     out = _study(tmp_path / "study")
-    build_report(out)
+    for model, commit in (("aligned", "a" * 40), ("vlm1", "a" * 40), ("adapted-s0", "b" * 40)):
+        record = out / f"stages/eval-{model}/stage.json"  # a run that spans two commits
+        record.write_text(json.dumps({**json.loads(record.read_text()), "git": commit}))
+    assert build_report(out)["git"] == ["a" * 40, "b" * 40]
     page = (out / "report.html").read_text()
     assert "<script" not in page.lower() and not re.search(r"(src|href)=[\"']?(https?:)?//", page)
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
@@ -115,6 +118,7 @@ def test_report_html_is_self_contained_with_every_section(tmp_path):
     assert "not perceived" in page  # no legibility probe ran: typographic numbers are not safety
     markdown = (out / "report.md").read_text()
     assert "| F1 |" in markdown and "plots/dynamics.png" in markdown
+    assert f"git {'a' * 40} + {'b' * 40};" in markdown and f"git {'a' * 40} + {'b' * 40};" in page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")

@@ -6,7 +6,8 @@ import base64
 import html
 from pathlib import Path
 
-from vlsafe.report.markdown import CLAIM_HEADER, SHORT, cell, claim_rows, columns, heldout_table, pct, spread_table
+from vlsafe.report.markdown import (CLAIM_HEADER, SHORT, cell, claim_rows, columns, commits, heldout_table, pct,
+                                    spread_table)
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;
@@ -33,7 +34,7 @@ def render(results: dict, plots: dict[str, Path]) -> str:
     state = "complete" if results["complete"] else f"partial ({results['stages_done']}/{results['stages_planned']})"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vlsafe study: {name}</title>"
              f"<style>{CSS}</style></head><body><h1>Study report: {name}</h1>",
-             f"<p>Run {state}; git {html.escape(str(results['git']))}; judges "
+             f"<p>Run {state}; git {html.escape(commits(results['git']))}; judges "
              f"{html.escape(', '.join(results['judges']))}; seeds {html.escape(str(results['config'].get('seeds')))}"
              "</p>"]
     if results["failed"]:

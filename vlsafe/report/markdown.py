@@ -7,6 +7,11 @@ from pathlib import Path
 SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "non_answer_rate": "non-answer", "accuracy": "acc"}
 
 
+def commits(git, short: bool = False) -> str:
+    """A run's commit, or the commits it spans (trained at one, evaluations re-scored at a later one), joined by +."""
+    return " + ".join(str(c)[:12] if short else str(c) for c in (git if isinstance(git, list) else [git]))
+
+
 def pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -94,7 +99,7 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines = [f"# Study report: {results['config'].get('name', 'study')}", ""]
     done, planned = results["stages_done"], results["stages_planned"]
     state = "complete" if results["complete"] else f"partial ({done}/{planned} stages)"
-    lines.append(f"Run: {state}; git {results['git']}; judges {', '.join(results['judges']) or '-'}; "
+    lines.append(f"Run: {state}; git {commits(results['git'])}; judges {', '.join(results['judges']) or '-'}; "
                  f"seeds {results['config'].get('seeds')}.")
     if results["failed"]:
         lines.append(f"\n**Failed stage:** {results['failed']['stage']}: {results['failed']['error']}")
