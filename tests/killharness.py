@@ -22,7 +22,8 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 # keys whose values differ between two runs of the same work (wall time, date, where the run lived)
-VOLATILE = {"date", "seconds", "git", "cache", "versions", "elapsed", "time", "timestamp", "created", "path", "out"}
+VOLATILE = {"date", "seconds", "git", "cache", "versions", "elapsed", "time", "timestamp", "created", "path", "out",
+            "machine"}
 
 
 def strip_volatile(obj, extra: frozenset = frozenset()):
@@ -166,10 +167,11 @@ def clean(folder: Path) -> None:
 # content key), every finished stage's key, each trained/built/merged model's content hash, each evaluation's
 # results.json and every sample's (benchmark, condition, id, response, verdicts), and all of results.json: claims,
 # model table, seed spread, dynamics, held-out accuracy, legibility, lineage (keys, hashes, commands) and examples.
-# Left out: wall times (`seconds`, `seconds_by_stage`), dates, library versions and the git commits (VOLATILE,
+# Left out: wall times (`seconds`, `seconds_by_stage`), dates, library versions, the machine (`machine`,
+# `machines`) and the git commits (VOLATILE,
 # `report_git`): they describe when and where a run happened, not what it computed. Paths that name each run's
 # own folder (an eval's model `spec`, its corpus, image paths) are compared with that folder replaced.
-STUDY_VOLATILE = frozenset({"seconds_by_stage", "report_git", "answers_from_cache"})
+STUDY_VOLATILE = frozenset({"seconds_by_stage", "report_git", "answers_from_cache", "machines"})
 
 
 def _study_json(path: Path, run: Path):

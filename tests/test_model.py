@@ -14,6 +14,7 @@ from vlsafe.cli import main
 from vlsafe.data.records import Conversation, Prompt, Turn
 from vlsafe.model import checkpoint
 from vlsafe.model.chat import IGNORE_INDEX
+from vlsafe.errors import VlsafeError
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,25 @@ def test_assistant_only_labels(pico_dir, images):
     batch = fmt.collate([enc])
     loss = bundle.model(**batch).loss
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_plain_template_is_the_image_then_the_caption(pico_dir, images):
+    """LLaVA's pre-training format: image tokens, newline, caption + EOS as the only targets; no system prompt."""
+    bundle = checkpoint.load(pico_dir)
+    fmt = bundle.formatter()
+    conv = Conversation(id="c", image=images["red"], turns=[
+        Turn(role="user", content="Describe the image briefly."), Turn(role="assistant", content="A red square.")])
+    plain, chat = fmt.encode_plain(conv), fmt.encode_conversation(conv)
+    image_id, n_image = bundle.model.config.image_token_id, bundle.model.config.num_image_tokens
+    assert plain.input_ids[:n_image] == [image_id] * n_image and image_id not in plain.input_ids[n_image:]
+    targets = bundle.tokenizer.decode([t for t in plain.labels if t != IGNORE_INDEX])
+    assert targets == "A red square." + bundle.tokenizer.eos_token
+    assert "Describe" not in plain.text and "system" not in plain.text and len(plain.input_ids) < len(chat.input_ids)
+    assert torch.isfinite(bundle.model(**fmt.collate([plain])).loss)
+    for bad, why in ((conv.model_copy(update={"image": None}), "no image"),
+                     (conv.model_copy(update={"turns": conv.turns * 2}), r"user \+ assistant \+ user \+ assistant")):
+        with pytest.raises(VlsafeError, match=why):
+            fmt.encode_plain(bad)
 
 
 def test_export_hf_gives_the_same_logits(pico_dir, images, tmp_path):

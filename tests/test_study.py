@@ -79,6 +79,12 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     assert lineage["eval-adapted-s0"]["judges"][0]["name"] == "refusal-patterns"
     record = json.loads((out / "stages" / "stage2-s0" / "stage.json").read_text())
     assert {"key", "inputs", "config", "command", "seconds", "versions"} <= set(record)
+    # every wall time names the machine that took it: one machine here, with every stage and their summed seconds
+    assert record["machine"]["cpu"] and record["machine"]["threads"] >= 1
+    (ran,) = results["machines"]
+    assert ran["stages"] == len(plan["stages"]) and record["machine"]["cpu"] in ran["machine"]
+    assert ran["seconds"] == pytest.approx(sum(results["seconds_by_stage"].values()), abs=0.05)
+    assert f"Ran on: {ran['machine']}" in (out / "report.md").read_text()
     # a finished training stage keeps its checkpoints' models (evaluated) but not their resume state
     step = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2"
     assert (step / "model.safetensors").is_file() and not (step / "training_state").exists()

@@ -204,6 +204,17 @@ def test_two_cpu_processes_give_the_weights_of_one(work):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+def test_plain_template_stage1_lowers_its_loss_and_trains_only_the_projector(work):
+    config = _config(work, "plain", stage="projector", model=str(work / "vlm0"), data=str(work / "captions.json"),
+                     out=str(work / "plain"), lr=2e-2, batch_size=6, max_steps=8, template="plain")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    losses = _losses(work / "plain")
+    assert losses[-1] < losses[0] - 0.03, losses
+    assert yaml.safe_load((work / "plain" / "config.yaml").read_text())["template"] == "plain"
+    before, after = _weights(work / "vlm0"), _weights(work / "plain" / "final")
+    assert all(torch.equal(before[k], after[k]) != k.startswith("projector.") for k in before)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lr=-1"], "lr"),
     (["stage=bogus"], "stage"),
@@ -212,6 +223,7 @@ def test_two_cpu_processes_give_the_weights_of_one(work):
     (["data=missing.json"], "not found"),
     (["batch_size=5", "grad_accum=2"], "not divisible"),
     (["lora={r: 4}", "stage=projector"], "LoRA"),
+    (["stage=full", "template=plain"], "template 'plain'"),
     (["model=pico"], "VLM"),
 ])
 def test_bad_input_exits_2_and_leaves_no_output(work, capsys, overrides, message):

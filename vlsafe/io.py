@@ -211,6 +211,36 @@ def verify_model_dir(path: str | Path) -> None:
                           f"({expected[:12]}...); the checkpoint was modified or damaged")
 
 
+def machine() -> dict:
+    """What ran it, recorded beside every wall time: the same study takes twice as long on another CPU of the same
+    core count (a CPU with bf16 matrix units against one with only bf16 vector instructions), so a time without
+    its machine cannot be compared. {"cpu": model name, "threads": torch threads, "bf16": the CPU's bf16 flags,
+    "gpu": CUDA device name or None}."""
+    import torch
+
+    cpu, flags = None, set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "Model") and cpu is None:
+                cpu = value or None
+            elif key in ("flags", "Features"):
+                flags.update(value.split())
+    cpu = cpu or platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "threads": torch.get_num_threads(),
+            "bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}), "gpu": gpu}
+
+
+def machine_label(record: dict | None) -> str:
+    """One line for a `machine()` record: "AMD EPYC, 2 threads, bf16 avx512_bf16"."""
+    if not record:
+        return "unrecorded machine"
+    bf16 = f"bf16 {'+'.join(record['bf16'])}" if record.get("bf16") else "no bf16 instructions"
+    gpu = f", GPU {record['gpu']}" if record.get("gpu") else ""
+    return f"{record.get('cpu')}, {record.get('threads')} threads, {bf16}{gpu}"
+
+
 def versions() -> dict:
     """Library versions that change numbers, recorded beside every output."""
     from importlib.metadata import PackageNotFoundError, version

@@ -193,7 +193,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
     from vlsafe.eval.generate import Decoding, generate, generation_keys, model_fingerprint
     from vlsafe.eval.judges import get as get_judge
     from vlsafe.eval.metrics import BOOTSTRAP, answer_correct
-    from vlsafe.io import atomic_dir, versions, write_json
+    from vlsafe.io import atomic_dir, machine, versions, write_json
     from vlsafe.model import checkpoint
 
     out = Path(out)
@@ -287,7 +287,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
             "agreement": judge_agreement(items, [j.name for j in judge_impls], spec.seed),
             "skipped": skipped,
             "cache": {"path": str(cache.path), "generation_hits": cache.hits, "generation_misses": cache.misses},
-            "versions": versions(),
+            "versions": versions(), "machine": machine(),
         }
         write_json(tmp / "results.json", report)
         (tmp / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))

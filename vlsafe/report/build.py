@@ -232,6 +232,19 @@ def examples(data: dict, per_cell: int = 2) -> list[dict]:
     return rows
 
 
+def machines(records: dict) -> list[dict]:
+    """The machines the finished stages ran on, each with its stage count and summed seconds: a study's wall time
+    means little without the CPU that took it (a resumed run may span two)."""
+    from vlsafe.io import machine_label
+
+    found: dict[str, dict] = {}
+    for record in records.values():
+        entry = found.setdefault(machine_label(record.get("machine")), {"stages": 0, "seconds": 0.0})
+        entry["stages"] += 1
+        entry["seconds"] = round(entry["seconds"] + (record.get("seconds") or 0.0), 2)
+    return [{"machine": label, **entry} for label, entry in sorted(found.items())]
+
+
 def run_commit(out: Path, records: dict) -> str | list[str] | None:
     """The git commit(s) the finished stages ran at: stage.json's `git`, or, for stages written before it was
     recorded, the `git` of their evaluations' results.json."""
@@ -295,6 +308,7 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "complete": all(n in data["records"] for n in planned), "failed": data["failed"],
         "stages_done": len(data["records"]), "stages_planned": len(planned),
         "seconds_by_stage": {n: r.get("seconds") for n, r in data["records"].items()},
+        "machines": machines(data["records"]),
         # evaluations that generated nothing (every answer came from the cache, e.g. re-scored after a judge or
         # matcher change): their seconds are judging time only, not what a first run takes
         "answers_from_cache": sorted(f"eval-{n}" for n, m in data["models"].items()

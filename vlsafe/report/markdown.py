@@ -7,6 +7,13 @@ from pathlib import Path
 SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "non_answer_rate": "non-answer", "accuracy": "acc"}
 
 
+def ran_on(machines: list[dict] | None) -> str:
+    """ "AMD EPYC, 2 threads, bf16 avx512_bf16 (38 stages, 62.8 min)", one entry per machine of the run."""
+    if not machines:
+        return "machine not recorded"
+    return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min)" for m in machines)
+
+
 def commits(git, short: bool = False) -> str:
     """A run's commit, or the commits it spans (trained at one, evaluations re-scored at a later one), joined by +."""
     return " + ".join(str(c)[:12] if short else str(c) for c in (git if isinstance(git, list) else [git]))
@@ -134,7 +141,7 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines += table(["model", "benchmark", "condition", "request", "response", "verdict"],
                    [[e["model"], e["benchmark"], e["condition"], e["request"][:80], e["response"][:120], e["verdict"]]
                     for e in results["examples"][:60]])
-    lines += ["", "## Lineage", ""]
+    lines += ["", "## Lineage", "", f"Ran on: {ran_on(results.get('machines'))}.", ""]
     lines += table(["stage", "kind", "inputs", "key", "model sha256", "seconds", "command"],
                    [[r["stage"], r["kind"], ", ".join(r["inputs"]), r["key"], (r["model_sha256"] or "")[:16],
                      r["seconds"], r["command"]] for r in results["lineage"]])

@@ -175,7 +175,7 @@ class Lock:
 
 def run_stage(out: Path, stage: Stage, runner: Callable[[Path], dict]) -> dict:
     """Runs one stage into OUT/stages/NAME and records it; returns its record."""
-    from vlsafe.io import versions
+    from vlsafe.io import machine, versions
 
     folder = out / "stages" / stage.name
     pending = folder / PENDING_FILE
@@ -199,7 +199,7 @@ def run_stage(out: Path, stage: Stage, runner: Callable[[Path], dict]) -> dict:
     record = {"name": stage.name, "kind": stage.kind, "key": stage.key, "inputs": stage.inputs,
               "files": stage.files, "models": stage.models, "config": stage.config, "command": stage.command,
               "seconds": round(time.time() - began, 2), "estimated_seconds": round(stage.cost_s, 1),
-              "outputs": outputs, "versions": versions(), "git": _git()}
+              "outputs": outputs, "versions": versions(), "machine": machine(), "git": _git()}
     write_json(folder / STAGE_FILE, record)
     pending.unlink(missing_ok=True)
     return record

@@ -102,6 +102,10 @@ class TrainConfig(Strict):
     log_every: int = Field(1, gt=0, description="steps between lines of log.jsonl")
     num_workers: int = Field(0, ge=0, description="DataLoader workers that read images and tokenize")
 
+    template: Literal["chat", "plain"] = Field(
+        "chat", description="chat: each conversation in the LLM's chat template (system prompt included); plain "
+                            "(stage projector): LLaVA's pre-training format, the image tokens then the caption and "
+                            "EOS, with no system prompt and no request (a third of the tokens per example go)")
     lora: LoraSpec | None = Field(None, description="LoRA on the LM instead of full fine-tuning")
     unfreeze_tower: bool = Field(False, description="stage full / safety-sft / mixed / dpo: train the tower too")
     mix_ratio: float | None = Field(None, ge=0.0, le=1.0, description="stage mixed: share of safety examples")
@@ -129,6 +133,9 @@ class TrainConfig(Strict):
             raise ValueError("stage 'projector' trains the projector in full; LoRA applies to the LM (stage 'full')")
         if self.stage == "projector" and self.unfreeze_tower:
             raise ValueError("stage 'projector' keeps the tower frozen; unfreeze_tower is for stage 'full'")
+        if self.template == "plain" and self.stage != "projector":
+            raise ValueError(f"template 'plain' is LLaVA's pre-training format, for stage 'projector' only, "
+                             f"not {self.stage!r}")
         if self.stage == "align" and self.unfreeze_tower:
             raise ValueError("stage 'align' is text-only: there is no tower to unfreeze")
         if self.stage == "mixed":

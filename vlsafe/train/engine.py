@@ -175,7 +175,7 @@ class Run:
         """Everything before step 1. Bad input raises before `out` is created (or touched, on a resume)."""
         from accelerate.utils import set_seed
 
-        from vlsafe.io import versions
+        from vlsafe.io import machine, versions
         from vlsafe.model import checkpoint
 
         config, stage = self.config, self.stage
@@ -204,7 +204,7 @@ class Run:
             "distributed_type": str(self.accelerator.distributed_type), "micro_batch": self.plan.micro_batch,
             "allocator": allocator,
             "steps": self.total, "warmup_steps": warmup, "steps_per_epoch": self.plan.steps_per_epoch,
-            **stages.describe_trainable(model), "versions": versions()}
+            **stages.describe_trainable(model), "versions": versions(), "machine": machine()}
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self._open_run_dir(resume)
         self.records = records
@@ -245,7 +245,8 @@ class Run:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         config, stage, accelerator = self.config, self.stage, self.accelerator
-        loader = micro_batch_loader(EncodedRecords(self.records, self.formatter, stage.encode, stage.collate),
+        encode = stage.encode or (_encode_plain if config.template == "plain" else None)
+        loader = micro_batch_loader(EncodedRecords(self.records, self.formatter, encode, stage.collate),
                                     self.plan, accelerator.process_index, self.start, self.total, config.num_workers)
         batches = iter(loader)
         count = stage.count or _target_tokens
@@ -373,6 +374,11 @@ def _model_hash(spec: str) -> str | None:
         return checkpoint.content_hash(spec) if Path(spec).is_dir() else None
     except VlsafeError:
         return None
+
+
+def _encode_plain(formatter, record):
+    """`template: plain` (a function of the module, not a lambda: DataLoader workers pickle it)."""
+    return formatter.encode_plain(record)
 
 
 def _target_tokens(batch: dict) -> int:
