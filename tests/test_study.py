@@ -213,6 +213,19 @@ def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch):
+    from vlsafe.bench import limits
+    from vlsafe.study.run import prepare
+
+    _, _, plain, _ = prepare(_config(tmp_path, "plain"), None)
+    # a profile measured on a machine with twice this one's peak: every stage is estimated twice as long
+    monkeypatch.setattr(limits, "matmul_peak", lambda dtype, size, seconds, device="cpu": 1e11)
+    _, plan, scaled, _ = prepare(_config(tmp_path, "scaled", cost={"reference_bf16_flops": 2e11}), None)
+    assert [s.name for s in scaled] == [s.name for s in plain] and [s.key for s in scaled] == [s.key for s in plain]
+    assert all(b.cost_s == pytest.approx(2 * a.cost_s) for a, b in zip(plain, scaled))
+    assert "scaled x2.00 to this machine" in plan.cost_note and "100 GFLOP/s against the profile's 200" in plan.cost_note
+
+
 def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     bad_partner = _config(tmp_path, "partner", merges={"partners": ["nonesuch"]})
     assert main(["study", str(bad_partner), "--out", str(tmp_path / "a")]) == 2

@@ -87,6 +87,10 @@ class CostModel(Strict):
     fixed_s: float = 5.0  # per stage: loading models, writing files
     merge_s: float = 10.0
     image_s: float = 0.01  # per corpus image drawn
+    # the bf16 matmul peak (FLOP/s, `vlsafe bench`'s 2048 x 2048) of the machine these constants were measured on:
+    # when set, every estimate is scaled by it over this machine's peak (in the precision the study will use), so
+    # a CPU half as fast gets an ETA twice as long; None: the constants as they are
+    reference_bf16_flops: float | None = None
 
 
 class StudyConfig(Strict):

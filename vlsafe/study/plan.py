@@ -35,6 +35,7 @@ class Plan:
     models: dict[str, dict] = field(default_factory=dict)  # model name -> {stage, ref, role, seed, step, ...}
     missing: list[str] = field(default_factory=list)  # one line per input that is not there
     suite: dict = field(default_factory=dict)
+    cost_note: str = ""  # how the estimates were scaled to this machine (vlsafe/study/run.py machine_scale)
 
 
 # ------------------------------------------------------------------------------------------------- input checks

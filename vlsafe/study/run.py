@@ -40,14 +40,37 @@ def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
             total += stage.cost_s
         inputs = ", ".join(stage.inputs) or "-"
         lines.append(f"  {stage.name:<{width}}  {stage.kind:<12} {_clock(stage.cost_s):>8}  {state:<4}  <- {inputs}")
-    lines.append(f"  {len(ordered)} stages; estimated {_clock(total)} to run (cost model: vlsafe/study/dag.py)")
+    scaled = f"; {plan.cost_note}" if plan.cost_note else ""
+    lines.append(f"  {len(ordered)} stages; estimated {_clock(total)} to run (cost model: vlsafe/study/dag.py{scaled})")
     return "\n".join(lines)
+
+
+def machine_scale(config: StudyConfig) -> tuple[float, str]:
+    """(factor, note): the profile's reference matmul peak over this machine's, in the precision the study trains
+    in (bf16 where the CPU has it, else fp32); (1.0, "") without a reference or on a GPU, whose speed the profile's
+    constants do not describe."""
+    import torch
+
+    reference = config.cost.reference_bf16_flops
+    if reference is None or torch.cuda.is_available():
+        return 1.0, ""
+    from vlsafe.bench.limits import matmul_peak
+    from vlsafe.precision import cpu_has_bf16
+
+    name = "bf16" if cpu_has_bf16() else "fp32"
+    peak = matmul_peak(torch.bfloat16 if name == "bf16" else torch.float32, 2048, 0.5)
+    factor = reference / peak
+    return factor, (f"scaled x{factor:.2f} to this machine: {name} matmul {peak / 1e9:.0f} GFLOP/s against the "
+                    f"profile's {reference / 1e9:.0f}")
 
 
 def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyConfig, Plan, list[Stage], Path]:
     config, source = load_study(config_path, profile)
     plan = build_plan(config, str(source))
     ordered = plan.dag.assign_keys(_fingerprint_or_missing)
+    factor, plan.cost_note = machine_scale(config)
+    for stage in ordered:
+        stage.cost_s *= factor
     return config, plan, ordered, source
 
 
