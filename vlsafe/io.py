@@ -235,7 +235,7 @@ def machine() -> dict:
 def machine_label(record: dict | None) -> str:
     """One line for a `machine()` record: "AMD EPYC, 2 threads, bf16 avx512_bf16"."""
     if not record:
-        return "unrecorded machine"
+        return "machine not recorded"
     bf16 = f"bf16 {'+'.join(record['bf16'])}" if record.get("bf16") else "no bf16 instructions"
     gpu = f", GPU {record['gpu']}" if record.get("gpu") else ""
     return f"{record.get('cpu')}, {record.get('threads')} threads, {bf16}{gpu}"

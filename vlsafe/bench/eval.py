@@ -121,7 +121,8 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: st
                      "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, peak["bf16_flops"]) if g else None}
               for name, (s, t, g) in modes.items()}
     return {"bench": "eval", "model": model, "n": len(prompts), "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator, "precision": precision,
+            "batch_size": batch_size, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
+            "precision": precision,
             "peak": peak, "flops_per_token": flops_per_token, "modes": report,
             # None when the model wrote nothing to count (a random pico model writes blank answers)
             "ratio": (round(report["batched"]["tokens_per_s"] / report["naive"]["tokens_per_s"], 3)

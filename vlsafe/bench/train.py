@@ -135,6 +135,7 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
     for side in sides.values():
         side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, peak["bf16_flops"])}
     return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
-            "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator, "precision": precision,
+            "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
+            "precision": precision,
             "peak": peak, "flops_per_token": flops_per_token, **sides,
             "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3)}
