@@ -111,6 +111,10 @@ def test_plain_template_is_the_image_then_the_caption(pico_dir, images):
                      (conv.model_copy(update={"turns": conv.turns * 2}), r"user \+ assistant \+ user \+ assistant")):
         with pytest.raises(VlsafeError, match=why):
             fmt.encode_plain(bad)
+    # a max_length that keeps the image keeps it whole; one that cannot is an error, as in the chat format
+    assert len(bundle.formatter(max_length=n_image + 2).encode_plain(conv).input_ids) == n_image + 2
+    with pytest.raises(VlsafeError, match="cuts through the image tokens"):
+        bundle.formatter(max_length=n_image).encode_plain(conv)
 
 
 def test_export_hf_gives_the_same_logits(pico_dir, images, tmp_path):

@@ -215,6 +215,16 @@ def test_plain_template_stage1_lowers_its_loss_and_trains_only_the_projector(wor
     assert all(torch.equal(before[k], after[k]) != k.startswith("projector.") for k in before)
 
 
+def test_plain_template_refuses_a_record_it_cannot_hold_before_any_output(work, capsys):
+    # the instruction file's records have two exchanges each: not a caption
+    config = _config(work, "plain-bad", stage="projector", model=str(work / "vlm0"), data=str(work / "instruct.json"),
+                     out=str(work / "plain-bad"), lr=2e-2, batch_size=6, max_steps=2, template="plain")
+    assert main(["train", str(config), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "record 'ins0': template 'plain' needs an image and one request with one answer" in error, error
+    assert not (work / "plain-bad").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lr=-1"], "lr"),
     (["stage=bogus"], "stage"),

@@ -218,18 +218,11 @@ def machine() -> dict:
     "gpu": CUDA device name or None}."""
     import torch
 
-    cpu, flags = None, set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("model name", "Model") and cpu is None:
-                cpu = value or None
-            elif key in ("flags", "Features"):
-                flags.update(value.split())
-    cpu = cpu or platform.processor() or platform.machine()
+    from vlsafe.precision import cpu_bf16_flags, cpu_info
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "threads": torch.get_num_threads(),
-            "bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}), "gpu": gpu}
+    return {"cpu": cpu_info()[0] or platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "bf16": cpu_bf16_flags(), "gpu": gpu}
 
 
 def machine_label(record: dict | None) -> str:

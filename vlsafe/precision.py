@@ -28,17 +28,30 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 instructions (flags of /proc/cpuinfo; False where it cannot be read)."""
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """(model name, flags) of this CPU from /proc/cpuinfo; (None, no flags) where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = set()
+        return None, frozenset()
+    name, flags = None, set()
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    return any(flag in flags for flag in _CPU_BF16_FLAGS)
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "Model") and name is None:
+            name = value or None
+        elif key in ("flags", "Features"):
+            flags.update(value.split())
+    return name, frozenset(flags)
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's flags that mean native bf16 instructions (x86 avx512_bf16 / amx_bf16, aarch64 bf16)."""
+    return sorted(cpu_info()[1] & set(_CPU_BF16_FLAGS))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 instructions (False where /proc/cpuinfo cannot be read)."""
+    return bool(cpu_bf16_flags())
 
 
 def device_type(on_cpu: bool = False) -> str:

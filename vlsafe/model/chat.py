@@ -39,6 +39,14 @@ def to_messages(turns: list[Turn], has_image: bool) -> list[dict]:
     return messages
 
 
+def check_plain(conv: Conversation) -> None:
+    """A record LLaVA's plain pre-training format can hold: an image and one request with one answer (a caption)."""
+    roles = [t.role for t in conv.turns]
+    if conv.image is None or roles != ["user", "assistant"]:
+        raise VlsafeError(f"record {conv.id!r}: template 'plain' needs an image and one request with one answer "
+                          f"(a caption), not {'no image' if conv.image is None else ' + '.join(roles)}")
+
+
 def load_image(path: str | Path):
     from PIL import Image, UnidentifiedImageError
 
@@ -131,16 +139,17 @@ class ChatFormatter:
         """LLaVA's pre-training ("plain") format: the image tokens, a newline, the caption and EOS; the caption
         and EOS are the targets. No chat template, system prompt or request: stage 1 learns to map image features
         into the LLM's word space, and a third of each example's tokens would be the same template text."""
-        roles = [t.role for t in conv.turns]
-        if conv.image is None or roles != ["user", "assistant"]:
-            raise VlsafeError(f"record {conv.id!r}: template 'plain' needs an image and one request with one "
-                              f"answer (a caption), not {'no image' if conv.image is None else ' + '.join(roles)}")
+        check_plain(conv)
         self._check_image(True, conv.id)
         eos = self.tokenizer.eos_token or ""
         head = f"{IMAGE_TOKEN}\n"
         text = f"{head}{conv.turns[1].content}{eos}"
         ids, labels = self._tokenize(text, [(len(head), len(text))])
-        return Encoded(ids[: self.max_length], labels[: self.max_length], conv.image, [(len(head), len(text))], text)
+        if len(ids) > self.max_length:
+            if self.max_length <= self.num_image_tokens:
+                raise VlsafeError(f"record {conv.id!r}: max_length {self.max_length} cuts through the image tokens")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Encoded(ids, labels, conv.image, [(len(head), len(text))], text)
 
     def encode_prompt(self, text: str, image: str | None = None, system: str | None = None,
                       record_id: str = "") -> Encoded:

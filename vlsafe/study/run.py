@@ -55,10 +55,10 @@ def machine_scale(config: StudyConfig) -> tuple[float, str]:
     if reference is None or torch.cuda.is_available():
         return 1.0, ""
     from vlsafe.bench.limits import matmul_peak
-    from vlsafe.precision import cpu_has_bf16
+    from vlsafe.precision import resolve, torch_dtype
 
-    name = "bf16" if cpu_has_bf16() else "fp32"
-    peak = matmul_peak(torch.bfloat16 if name == "bf16" else torch.float32, 2048, 0.5)
+    name = resolve("auto", "cpu")
+    peak = matmul_peak(torch_dtype(name), 2048, 0.5)
     factor = reference / peak
     return factor, (f"scaled x{factor:.2f} to this machine: {name} matmul {peak / 1e9:.0f} GFLOP/s against the "
                     f"profile's {reference / 1e9:.0f}")

@@ -180,6 +180,11 @@ class Run:
 
         config, stage = self.config, self.stage
         records, data_info = load_data(config, stage)
+        if config.template == "plain":
+            from vlsafe.model.chat import check_plain
+
+            for record in records:
+                check_plain(record)
         self.bundle = checkpoint.load(config.model)
         stages.check_model(stage, self.bundle, config.model)
         self.formatter = self.bundle.formatter(config.max_length)
