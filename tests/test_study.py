@@ -226,6 +226,20 @@ def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch)
     assert "scaled x2.00 to this machine" in plan.cost_note and "100 GFLOP/s against the profile's 200" in plan.cost_note
 
 
+def test_the_eta_follows_measured_time_without_one_short_stage_rescaling_the_rest():
+    from types import SimpleNamespace
+
+    from vlsafe.study.progress import StudyProgress
+
+    stages = [SimpleNamespace(name=f"s{i}", cost_s=c) for i, c in enumerate([40.0, 3600.0, 3600.0, 3600.0])]
+    progress = StudyProgress(stages, quiet=True)
+    assert progress._eta() == pytest.approx(10840.0)
+    progress.finish(stages[0], 10.0)  # a short stage 4x faster than its estimate
+    assert 0.9 * 10800 < progress._eta() < 10800
+    progress.finish(stages[1], 7200.0)  # a long one twice its estimate: the rest follows it
+    assert 1.8 * 7200 < progress._eta() < 2.0 * 7200
+
+
 def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     bad_partner = _config(tmp_path, "partner", merges={"partners": ["nonesuch"]})
     assert main(["study", str(bad_partner), "--out", str(tmp_path / "a")]) == 2

@@ -1,11 +1,16 @@
 """The study's progress line: which stage, how many are done, and an ETA from the cost model corrected by what
-the finished stages actually took (training stages show their own step bar below it)."""
+the finished stages actually took (training stages show their own step bar below it).
+
+The correction is the ratio of measured to estimated time over the finished stages, shrunk toward 1 by a prior
+worth PRIOR_S seconds of estimate, so one short stage (a 20-second corpus) does not rescale hours of training."""
 
 from __future__ import annotations
 
 import time
 
 from rich.console import Console
+
+PRIOR_S = 600.0
 
 
 def _clock(seconds: float) -> str:
@@ -25,8 +30,7 @@ class StudyProgress:
         self.began = time.time()
 
     def _eta(self) -> float:
-        # the ratio of measured to estimated time so far scales what is left
-        ratio = self.actual_done / self.estimated_done if self.estimated_done > 1 else 1.0
+        ratio = (self.actual_done + PRIOR_S) / (self.estimated_done + PRIOR_S)
         return sum(self.remaining.values()) * ratio
 
     def start(self, stage) -> None:
