@@ -84,6 +84,11 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     (ran,) = results["machines"]
     assert ran["stages"] == len(plan["stages"]) and record["machine"]["cpu"] in ran["machine"]
     assert ran["seconds"] == pytest.approx(sum(results["seconds_by_stage"].values()), abs=0.05)
+    # ... and where they went, by stage kind
+    train_seconds = sum(r["seconds"] for r in results["lineage"] if r["kind"] == "train")
+    assert ran["by_kind"]["train"] == pytest.approx(train_seconds, abs=0.05) > 0
+    assert ran["seconds"] == pytest.approx(sum(ran["by_kind"].values()), abs=0.05)
+    assert f"min: {max(ran['by_kind'], key=ran['by_kind'].get)} " in (out / "report.md").read_text()
     assert f"Ran on: {ran['machine']}" in (out / "report.md").read_text()
     # a finished training stage keeps its checkpoints' models (evaluated) but not their resume state
     step = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2"

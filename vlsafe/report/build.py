@@ -233,15 +233,19 @@ def examples(data: dict, per_cell: int = 2) -> list[dict]:
 
 
 def machines(records: dict) -> list[dict]:
-    """The machines the finished stages ran on, each with its stage count and summed seconds: a study's wall time
-    means little without the CPU that took it (a resumed run may span two)."""
+    """The machines the finished stages ran on, each with its stage count and summed seconds, in all and by stage
+    kind (train, eval, ...): a study's wall time means little without the CPU that took it (a resumed run may span
+    two), and where it went is what a faster study would change."""
     from vlsafe.io import machine_label
 
     found: dict[str, dict] = {}
     for record in records.values():
-        entry = found.setdefault(machine_label(record.get("machine")), {"stages": 0, "seconds": 0.0})
+        entry = found.setdefault(machine_label(record.get("machine")), {"stages": 0, "seconds": 0.0, "by_kind": {}})
+        seconds = record.get("seconds") or 0.0
         entry["stages"] += 1
-        entry["seconds"] = round(entry["seconds"] + (record.get("seconds") or 0.0), 2)
+        entry["seconds"] = round(entry["seconds"] + seconds, 2)
+        kind = record.get("kind") or "other"
+        entry["by_kind"][kind] = round(entry["by_kind"].get(kind, 0.0) + seconds, 2)
     return [{"machine": label, **entry} for label, entry in sorted(found.items())]
 
 

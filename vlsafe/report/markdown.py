@@ -8,10 +8,16 @@ SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "non_answer_ra
 
 
 def ran_on(machines: list[dict] | None) -> str:
-    """ "AMD EPYC, 2 threads, bf16 avx512_bf16 (38 stages, 62.8 min)", one entry per machine of the run."""
+    """ "AMD EPYC, 2 threads, bf16 avx512_bf16 (38 stages, 62.8 min: train 20.8, eval 27.0, ...)", one entry per
+    machine of the run, its stage kinds by time spent."""
     if not machines:
         return "machine not recorded"
-    return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min)" for m in machines)
+
+    def kinds(m: dict) -> str:
+        spent = sorted((m.get("by_kind") or {}).items(), key=lambda kv: -kv[1])
+        return ": " + ", ".join(f"{kind} {seconds / 60:.1f}" for kind, seconds in spent) if spent else ""
+
+    return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min{kinds(m)})" for m in machines)
 
 
 def commits(git, short: bool = False) -> str:
