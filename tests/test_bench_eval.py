@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from vlsafe.bench.eval import _naive
+from vlsafe.bench.eval import _naive, _parted
 from vlsafe.cli import main
 from vlsafe.data.records import Prompt
 from vlsafe.eval import generate as generation
@@ -112,6 +112,29 @@ def test_sampled_generation_is_reproducible_from_its_seed(chatty_pico):
     assert other != first
 
 
+def test_where_answers_part_the_naive_choice_and_its_lead_over_the_runner_up(chatty_pico):
+    bundle = chatty_pico
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS[:3])]
+    ids: list[list[int]] = []
+    naive = _naive(bundle, prompts, generation.Decoding(max_new_tokens=6), ids)
+    assert all(naive) and len(ids) == 3
+    tokenizer = bundle.tokenizer
+    # the same answer parts nowhere; one that shares the first two tokens' text parts at token 2; an empty one at 0
+    shared = tokenizer.decode(ids[1][:2], skip_special_tokens=True).strip()
+    assert not naive[1].startswith(shared + "\x00")
+    rows = _parted(bundle, prompts, ids, [naive[0], shared + "\x00", ""])
+    assert [(r["id"], r["token"]) for r in rows] == [("1", 2), ("2", 0)]
+    # the greedy choice was the top logit of the same unpadded pass: it leads the runner-up
+    assert all(r["lead"] >= 0 for r in rows)
+
+
+def test_bench_eval_prints_a_table_with_the_cached_pass_utilising_nothing(capsys):
+    assert main(["bench", "eval", "--model", "pico", "--n", "3", "--max-new-tokens", "2", "--batch-size", "2",
+                 "--threads", "1", "--dtype", "fp32", "--peak-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "3/3 answers identical" in out and "cached" in out
+
+
 def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     threads = torch.get_num_threads()
     assert main(["bench", "eval", "--model", "pico", "--n", "5", "--max-new-tokens", "3", "--batch-size", "2",
@@ -122,7 +145,7 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert report["threads"] == 1 and report["batch_size"] == 2 and report["n"] == 5
     assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
     assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
-    assert report["same_text_naive_vs_batched"] == 5
+    assert report["same_text_naive_vs_batched"] == 5 and report["parted"] == []
     assert report["precision"] == "fp32" and report["peak"]["bf16_flops"] > 0
     naive, batched = modes["naive"]["tokens_per_s"], modes["batched"]["tokens_per_s"]
     assert report["ratio"] == (pytest.approx(batched / naive, rel=1e-2) if naive else None)

@@ -12,6 +12,11 @@ greedy answers often hinge on near-ties, so some answers part ways after a few t
 residual stream and the top logits fp32 to make that rarer (SmolLM2-135M, 32 prompts x 64 tokens: 22 identical,
 17 in whole-model bf16).
 
+Where an answer differs, `parted` says where and why: the first token of the naive answer that the batched one
+does not share, and by how much that greedy choice led the runner-up (logit difference) in a fresh unpadded pass
+over the prompt and the answer before it. A lead within the precision's rounding (bf16 keeps 8 bits of mantissa:
+steps of 0.125 at a logit of 20) is a near-tie that rounding tipped; a large one would be a batching bug.
+
 Both sides generate in the same precision (`--dtype`, auto = bf16 where the hardware has it). The matmul peak
 (fp32, bf16) is measured in the same run; each mode reports MFU against the bf16 peak (limits.py), and `ratio`
 is batched over naive new tokens/s.
@@ -39,7 +44,8 @@ def _prompts(n: int):
     return sorted(pool, key=lambda p: p.id)[:n]
 
 
-def _naive(bundle, prompts, decoding) -> list[str]:
+def _naive(bundle, prompts, decoding, token_ids: list | None = None) -> list[str]:
+    """One `model.generate` per prompt; `token_ids`, when given, receives each answer's generated token ids."""
     import torch
 
     from vlsafe.eval.generate import stop_and_pad_ids
@@ -53,8 +59,41 @@ def _naive(bundle, prompts, decoding) -> list[str]:
         with torch.inference_mode():
             seq = bundle.model.generate(**batch, **decoding.kwargs(), eos_token_id=stop, pad_token_id=pad,
                                         suppress_tokens=[fmt.image_token_id] if fmt.image_token_id is not None else None)
-        out.append(tokenizer.decode(seq[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        answer = seq[0, batch["input_ids"].shape[1]:]
+        if token_ids is not None:
+            token_ids.append(answer.tolist())
+        out.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     return out
+
+
+def _parted(bundle, prompts, naive_ids: list[list[int]], batched: list[str]) -> list[dict]:
+    """For each prompt whose batched answer differs from the naive one: the first naive token whose text the
+    batched answer does not share, and how far that greedy choice led the runner-up (its logit minus the best
+    other's) in one unpadded forward pass over the prompt and the naive answer before it."""
+    import torch
+
+    fmt, tokenizer = bundle.formatter(), bundle.tokenizer
+    rows = []
+    for prompt, ids, other in zip(prompts, naive_ids, batched):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if text == other:
+            continue
+        # the naive answer, token by token, until its text leaves the batched one (or it chose to stop)
+        at = next((j for j in range(len(ids))
+                   if not other.startswith(tokenizer.decode(ids[:j + 1], skip_special_tokens=True).strip())
+                   or j == len(ids) - 1), None)
+        if at is None:
+            continue
+        batch = fmt.collate([fmt.encode_prompt(prompt.text, prompt.image, record_id=prompt.id)], padding_side="left")
+        batch.pop("labels")
+        batch["input_ids"] = torch.cat([batch["input_ids"], torch.tensor([ids[:at]], dtype=torch.long)], dim=1)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        with torch.inference_mode():
+            logits = bundle.model(**batch).logits[0, -1].float()
+        c = ids[at]
+        runner_up = torch.cat([logits[:c], logits[c + 1:]]).max().item()
+        rows.append({"id": prompt.id, "token": at, "lead": round(logits[c].item() - runner_up, 4)})
+    return rows
 
 
 def run(model: str = "smollm2-135m-instruct", n: int = 32, max_new_tokens: int = 32, batch_size: int = 32,
@@ -102,7 +141,8 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: st
     generate(bundle, prompts[:2], decoding, batch_size=2)  # warm-up: first-call allocations are not throughput
     modes = {}
     started = time.perf_counter()
-    naive = _naive(bundle, prompts, decoding)
+    naive_ids: list[list[int]] = []
+    naive = _naive(bundle, prompts, decoding, naive_ids)
     modes["naive"] = (time.perf_counter() - started, count(naive), len(prompts))
     with tempfile.TemporaryDirectory() as tmp:
         cache = Cache(Path(tmp) / "bench.sqlite")
@@ -127,4 +167,5 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: st
             # None when the model wrote nothing to count (a random pico model writes blank answers)
             "ratio": (round(report["batched"]["tokens_per_s"] / report["naive"]["tokens_per_s"], 3)
                       if report["naive"]["tokens_per_s"] else None),
-            "same_text_naive_vs_batched": sum(a == b for a, b in zip(naive, batched))}
+            "same_text_naive_vs_batched": sum(a == b for a, b in zip(naive, batched)),
+            "parted": _parted(bundle, prompts, naive_ids, batched)}

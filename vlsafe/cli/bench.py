@@ -65,6 +65,12 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
                       ["ratio", report["ratio"], "", "", "", ""]])
 
 
+def _parted(report: dict) -> str:
+    """", the others part where the greedy choice led by at most 0.12 logits" (what `parted` found)."""
+    leads = [r["lead"] for r in report.get("parted", [])]
+    return f", the others part where the greedy choice led by at most {max(leads):.2f} logits" if leads else ""
+
+
 @bench_app.command("eval")
 def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
                n: int = typer.Option(32, "--n", min=1, help="Prompts (benign, from the project's sets)."),
@@ -86,8 +92,8 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
     else:
         print_table(f"generation: {report['model']} ({report['n']} prompts, <= {max_new_tokens} new tokens, batch "
                     f"{batch_size}, {report['threads']} threads, {report['precision']}; "
-                    f"{report['same_text_naive_vs_batched']}/{report['n']} answers identical; bf16 peak "
+                    f"{report['same_text_naive_vs_batched']}/{report['n']} answers identical{_parted(report)}; bf16 peak "
                     f"{report['peak']['bf16_flops'] / 1e9:.0f} GFLOP/s)",
                      ["mode", "seconds", "new tokens/s", "MFU", "speed-up", "generated"],
-                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['mfu']:.2%}", f"{r['speedup']:.1f}x",
+                     [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['mfu']:.2%}" if r["mfu"] is not None else "-", f"{r['speedup']:.1f}x",
                        r["generated"]] for m, r in report["modes"].items()])
