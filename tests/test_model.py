@@ -174,6 +174,34 @@ def test_efficientnet_tower_matches_the_reference_implementation():
         assert ours(x).shape == (1, 49, 1280)
 
 
+def test_efficientnet_feature_layer_picks_a_map_like_hf_hidden_states(tmp_path, images, capsys):
+    from vlsafe.model.efficientnet import feature_shapes
+
+    shapes = feature_shapes(224)
+    assert len(shapes) == 18 and shapes[-1] == (1280, 7) and shapes[-2] == (320, 7) and shapes[-7] == (112, 14)
+    out = tmp_path / "vlm"
+    assert main(["build", "--llm", "pico", "--tower", "efficientnet-lite0", "--feature-layer", "-2",
+                 "--out", str(out)]) == 0
+    bundle = checkpoint.load(out)
+    config = bundle.model.config
+    assert (config.vision_feature_layer, config.vision_hidden_size, config.num_image_tokens) == (-2, 320, 49)
+    pixels = bundle.image_processor(images=[Image.open(images["red"])], return_tensors="pt")["pixel_values"]
+    tower = bundle.model.vision_tower
+    with torch.no_grad():
+        # the last block's output: the head's input, before its 1x1 convolution
+        head_input = {}
+        tower._conv_head.register_forward_hook(lambda m, args, result: head_input.update(x=args[0]))
+        tower(pixels)
+        assert torch.equal(tower(pixels, -2), head_input["x"].flatten(2).transpose(1, 2))
+        assert bundle.model.get_image_features(pixels).shape == (1, 49, config.text_config.hidden_size)
+        assert tower(pixels, -7).shape == (1, 196, 112)
+    # the default stays the head, and a layer that does not exist is one line, exit 2, nothing written
+    assert checkpoint.build_vlm("pico", "efficientnet-lite0").model.config.vision_hidden_size == 1280
+    assert main(["build", "--llm", "pico", "--tower", "efficientnet-lite0", "--feature-layer", "18",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "feature layer 18 does not exist" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_offline_default_vlm_answers_text_and_image_prompts(images):
     from vlsafe.eval.generate import Decoding, generate
 

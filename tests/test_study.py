@@ -424,3 +424,23 @@ def test_checkpoint_evals_of_the_first_seed_only(tmp_path):
     steps = lambda plan, seed: sorted(n for n in plan.dag.stages if n.startswith(f"eval-adapted-s{seed}-step"))  # noqa: E731
     assert steps(every, 0) and steps(every, 1) and steps(first, 0) == steps(every, 0)
     assert steps(first, 1) == [] and "eval-adapted-s1" in first.dag.stages  # seed 1's final model is still measured
+
+
+def test_a_tower_feature_layer_rekeys_the_vlm_and_what_it_feeds_and_an_unset_one_nothing(tmp_path):
+    from vlsafe.study.config import load_study
+    from vlsafe.study.plan import build_plan
+    from vlsafe.study.run import _fingerprint_or_missing
+
+    def keys(**over) -> dict:
+        config, _ = load_study(_config(tmp_path, "layer", **over))
+        plan = build_plan(config)
+        return {s.name: (s.key, s) for s in plan.dag.assign_keys(_fingerprint_or_missing)}
+
+    plain, unset, layered = keys(), keys(tower_feature_layer=None), keys(tower_feature_layer=-2)
+    assert {n: k for n, (k, _) in plain.items()} == {n: k for n, (k, _) in unset.items()}
+    vlm0 = layered["vlm0"][1]
+    assert vlm0.config["feature_layer"] == -2 and "--feature-layer -2" in vlm0.command
+    assert "feature_layer" not in plain["vlm0"][1].config
+    changed = {n for n in plain if plain[n][0] != layered[n][0]}
+    assert {"vlm0", "stage1", "stage2-s0", "eval-adapted-s0"} <= changed
+    assert "align" not in changed and "corpus" not in changed

@@ -23,7 +23,7 @@ class BuildConfig(Strict):
     llm: str
     tower: str
     projector: str = "mlp2x_gelu"
-    feature_layer: int = -2
+    feature_layer: int | None = None  # None: the tower's own default (HF towers -2, EfficientNet-Lite0 its head)
     select_strategy: str | None = None
     seed: int = 0
     dtype: str = "float32"

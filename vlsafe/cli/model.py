@@ -18,7 +18,8 @@ def build(
     tower: str = typer.Option(..., help="Vision tower: 'efficientnet-lite0', 'pico', or a CLIP/SigLIP HF dir or hub id."),
     out: Path = typer.Option(..., help="Output directory (must not exist)."),
     projector: str = typer.Option("mlp2x_gelu", help="mlp2x_gelu (LLaVA-1.5) or linear (LLaVA-1)."),
-    feature_layer: int = typer.Option(-2, help="Tower hidden layer whose features feed the projector (HF towers)."),
+    feature_layer: Optional[int] = typer.Option(None, help="Tower layer whose features feed the projector "
+                                                "(default: -2 for CLIP/SigLIP, the head -1 for efficientnet-lite0)."),
     select_strategy: Optional[str] = typer.Option(None, help="'default' drops CLIP's CLS token, 'full' keeps all."),
     seed: int = typer.Option(0, help="Seed for the projector's initialisation (and pico weights)."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),

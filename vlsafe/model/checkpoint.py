@@ -46,7 +46,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_vlm(llm: str, tower: str, projector: str = "mlp2x_gelu", feature_layer: int = -2,
+def build_vlm(llm: str, tower: str, projector: str = "mlp2x_gelu", feature_layer: int | None = None,
               select_strategy: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
               trust_remote_code: bool = False) -> Bundle:
     """VLM@0: a pretrained LLM and tower joined by a freshly initialised projector (seeded)."""

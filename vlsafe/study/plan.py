@@ -194,11 +194,14 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
         add_model("aligned", "", config.llm, "aligned LLM (as shipped)")
 
     # --- VL adaptation
-    dag.add(Stage("vlm0", "build", {"llm": aligned, "tower": config.tower, "seed": first},
+    # the feature layer joins the stage's config only when set, so a study that never names one keeps its keys
+    layer = {} if config.tower_feature_layer is None else {"feature_layer": config.tower_feature_layer}
+    dag.add(Stage("vlm0", "build", {"llm": aligned, "tower": config.tower, "seed": first, **layer},
                   inputs=["align"] if config.aligns() else [], models=[config.tower] + (
                       [] if config.aligns() else model_specs(config.llm)),
                   files=[] if config.aligns() else model_files(config.llm), cost_s=c.fixed_s * 3,
-                  command=f"vlsafe build --llm {aligned} --tower {config.tower} --out stages/vlm0/model"))
+                  command=f"vlsafe build --llm {aligned} --tower {config.tower}"
+                          + "".join(f" --feature-layer {v}" for v in layer.values()) + " --out stages/vlm0/model"))
     add_train("stage1", "stage1", ref("vlm0", "model"), [stage1_data], first, ["vlm0", *data_inputs(stage1_data)],
               config.corpus.n)
     add_model("vlm1", "stage1", ref("stage1", "model"), "VLM after stage 1 (stage 2 at step 0)", step=0)

@@ -116,9 +116,8 @@ def run_build(ctx: Context, config: dict, folder: Path) -> dict:
     from vlsafe.model import checkpoint
 
     llm = ctx.resolve(config["llm"])
-    bundle = checkpoint.build_vlm(llm, config["tower"], seed=config["seed"])
-    checkpoint.save(bundle, folder / "model", provenance={"command": "study", "llm": config["llm"],
-                                                          "tower": config["tower"], "seed": config["seed"]})
+    bundle = checkpoint.build_vlm(llm, config["tower"], feature_layer=config.get("feature_layer"), seed=config["seed"])
+    checkpoint.save(bundle, folder / "model", provenance={"command": "study", **config})
     return {"model": rel(ctx, folder / "model")}
 
 
