@@ -357,3 +357,23 @@ def test_blocks_of_rows_give_the_sums_of_whole_tensors(tmp_path, monkeypatch):
         assert len(whole[key]) == len(blocked[key])
         for a, b in zip(whole[key], blocked[key]):
             assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=2e-6) for k in a), (a, b)
+
+
+def test_tower_probe_reads_shapes_from_frozen_features_at_each_layer(tmp_path, capsys):
+    from vlsafe.analysis.tower import probe, scenes
+
+    # the probe's scenes are the held-out kind, with answers, and never the corpus's own draws
+    drawn, answers = scenes("shape", 3, "train", 0)
+    assert all(s["kind"] == "single" for s in drawn) and answers == [s["objects"][0]["shape"] for s in drawn]
+    out = tmp_path / "probe"
+    result = probe("efficientnet-lite0", [-1, -2], n=40, tasks=["shape"], out=out)
+    assert [(r["layer"], r["channels"], r["tokens"]) for r in result["layers"]] == [(-1, 1280, 49), (-2, 320, 49)]
+    # four shapes are plain to an ImageNet tower: far above always answering the commonest one
+    assert all(r["accuracy"]["shape"] >= result["chance"]["shape"] + 0.2 for r in result["layers"])
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["kind"] == "tower-probe" and saved["layers"] == result["layers"] and saved["n_test"] == 20
+    # a layer the tower lacks, or an existing output folder: one line, exit 2
+    assert main(["analyze", "tower", "--layer", "40", "--n", "10"]) == 2
+    assert "feature layer 40 does not exist" in capsys.readouterr().err
+    assert main(["analyze", "tower", "--n", "10", "--out", str(out)]) == 2
+    assert "output path exists" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from vlsafe.errors import VlsafeError
 
 analyze_app = typer.Typer(no_args_is_help=True,
                           help="Where training moved the weights and where safety lives: `vlsafe analyze weights | "
-                               "activations ... --out DIR` (DIR/analysis.json + PNG figures).")
+                               "activations | tower ... --out DIR` (DIR/analysis.json, PNG figures).")
 app.add_typer(analyze_app, name="analyze")
 
 
@@ -86,3 +86,28 @@ def analyze_activations(
     typer.echo(f"safety layers: {span['start']}..{span['end']}" if span["start"] is not None
                else f"safety layers: none located ({span['reason']})")
     _summary(result, out)
+
+
+@analyze_app.command("tower")
+def analyze_tower(
+    tower: str = typer.Option("efficientnet-lite0", "--tower", help="A tower spec, as for `vlsafe build`."),
+    layer: Optional[List[int]] = typer.Option(None, "--layer", help="A feature layer to probe (repeat to compare; "
+                                              "default: the tower's own)."),
+    n: int = typer.Option(400, "--n", help="Training scenes per question type (half as many test scenes)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write OUT/analysis.json (a new directory)."),
+) -> None:
+    """Linear probes on the frozen tower: per layer and question type of the built-in corpus, the accuracy a
+    ridge read-out of the visual tokens gets on fresh scenes, beside chance (the commonest answer)."""
+    from vlsafe.analysis.tower import probe
+    from vlsafe.cli._app import print_table
+
+    result = probe(tower, layer or None, n=n, seed=seed, out=out)
+    tasks = result["tasks"]
+    print_table(f"{tower}: linear probes, {result['n_train']} training / {result['n_test']} test scenes per type",
+                ["layer", "channels x tokens", *tasks, "mean"],
+                [["chance", "", *(f"{result['chance'][t]:.2f}" for t in tasks), f"{result['chance_mean']:.2f}"]]
+                + [[str(r["layer"]), f"{r['channels']} x {r['tokens']}",
+                    *(f"{r['accuracy'][t]:.2f}" for t in tasks), f"{r['mean']:.2f}"] for r in result["layers"]])
+    if out is not None:
+        typer.echo(f"wrote {out}/analysis.json")

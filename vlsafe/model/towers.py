@@ -76,7 +76,7 @@ def tower_features(module: nn.Module, kind: str, pixel_values: torch.Tensor, fea
     return feats
 
 
-def _pico(seed: int) -> TowerSpec:
+def _pico(seed: int, feature_layer: int | None) -> TowerSpec:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -84,7 +84,8 @@ def _pico(seed: int) -> TowerSpec:
     torch.manual_seed(seed)
     module = CLIPVisionModel(config).eval()
     return TowerSpec("hf", module, image_processor_for(32, CLIP_MEAN, CLIP_STD), config, 32,
-                     count_hf_tokens(config, "default"), -2, "default", "pico")
+                     count_hf_tokens(config, "default"), -2 if feature_layer is None else feature_layer, "default",
+                     "pico")
 
 
 def _efficientnet(feature_layer: int | None) -> TowerSpec:
@@ -93,9 +94,7 @@ def _efficientnet(feature_layer: int | None) -> TowerSpec:
 
     layer = -1 if feature_layer is None else feature_layer  # the head unless asked
     shapes = feature_shapes(224)
-    if not -len(shapes) <= layer < len(shapes):
-        raise VlsafeError(f"efficientnet-lite0: feature layer {layer} does not exist (0 to {len(shapes) - 1}, "
-                          f"or -1 to -{len(shapes)})")
+    _check_layer("efficientnet-lite0", layer, len(shapes))
     channels, side = shapes[layer]
     module = EfficientNetLite0().eval()
     load_imagenet_state(module, assets.asset_files("efficientnet-lite0")[0])
@@ -125,18 +124,26 @@ def _hf(spec: str, feature_layer: int, select_strategy: str | None, trust_remote
                      count_hf_tokens(module.config, strategy), feature_layer, strategy, spec)
 
 
+def _check_layer(source: str, layer: int, count: int) -> None:
+    """One clear line unless `layer` indexes one of the tower's `count` feature maps (hidden states)."""
+    if not -count <= layer < count:
+        raise VlsafeError(f"{source}: feature layer {layer} does not exist (0 to {count - 1}, or -1 to -{count})")
+
+
 def resolve_tower(spec: str, feature_layer: int | None = None, select_strategy: str | None = None, seed: int = 0,
                   trust_remote_code: bool = False) -> TowerSpec:
     """A tower from a spec: 'pico', 'efficientnet-lite0', a local HF directory, or a hub id (online users).
 
     `feature_layer` None is each tower's default: the layer before the last for HF towers (LLaVA's -2), the head
     for EfficientNet-Lite0 (-1)."""
-    if spec == "pico":
-        return _pico(seed)
     if spec == "efficientnet-lite0":
         return _efficientnet(feature_layer)
-    feature_layer = -2 if feature_layer is None else feature_layer
-    if not Path(spec).exists() and "/" not in spec:
+    if spec == "pico":
+        tower = _pico(seed, feature_layer)
+    elif not Path(spec).exists() and "/" not in spec:
         raise VlsafeError(f"unknown vision tower {spec!r} (built-in: {', '.join(BUILTIN_TOWERS)}; "
                           "or a local HF directory, or a hub id like openai/clip-vit-large-patch14-336)")
-    return _hf(spec, feature_layer, select_strategy, trust_remote_code)
+    else:
+        tower = _hf(spec, -2 if feature_layer is None else feature_layer, select_strategy, trust_remote_code)
+    _check_layer(tower.source, tower.feature_layer, tower.vision_config.num_hidden_layers + 1)  # + the embeddings
+    return tower
