@@ -88,7 +88,12 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     train_seconds = sum(r["seconds"] for r in results["lineage"] if r["kind"] == "train")
     assert ran["by_kind"]["train"] == pytest.approx(train_seconds, abs=0.05) > 0
     assert ran["seconds"] == pytest.approx(sum(ran["by_kind"].values()), abs=0.05)
-    assert f"min: {max(ran['by_kind'], key=ran['by_kind'].get)} " in (out / "report.md").read_text()
+    from vlsafe.report.markdown import ran_on
+
+    assert f"Ran on: {ran_on(results['machines'])}." in (out / "report.md").read_text()
+    assert ran_on([{"machine": "CPU", "stages": 4, "seconds": 2130.0,
+                    "by_kind": {"train": 1200.0, "eval": 900.0, "corpus": 20.0, "merge": 10.0}}]) == \
+        "CPU (4 stages, 35.5 min: train 20.0, eval 15.0, other 0.5)"
     assert f"Ran on: {ran['machine']}" in (out / "report.md").read_text()
     # a finished training stage keeps its checkpoints' models (evaluated) but not their resume state
     step = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2"

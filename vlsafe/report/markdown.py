@@ -14,8 +14,12 @@ def ran_on(machines: list[dict] | None) -> str:
         return "machine not recorded"
 
     def kinds(m: dict) -> str:
+        # the kinds that took a minute or more, the rest summed as "other"
         spent = sorted((m.get("by_kind") or {}).items(), key=lambda kv: -kv[1])
-        return ": " + ", ".join(f"{kind} {seconds / 60:.1f}" for kind, seconds in spent) if spent else ""
+        shown = [(kind, s) for kind, s in spent if s >= 60]
+        rest = sum(s for kind, s in spent if s < 60)
+        parts = [f"{kind} {s / 60:.1f}" for kind, s in shown] + ([f"other {rest / 60:.1f}"] if rest >= 0.05 else [])
+        return ": " + ", ".join(parts) if parts else ""
 
     return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min{kinds(m)})" for m in machines)
 
