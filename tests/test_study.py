@@ -259,6 +259,10 @@ def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     bad_train = _config(tmp_path, "train", train={"stage9": {"lr": 1}})
     assert main(["study", str(bad_train), "--out", str(tmp_path / "c")]) == 2
     assert "train.stage9: unknown stage" in capsys.readouterr().err
+    bad_layer = _config(tmp_path, "layer", tower_feature_layer=7)  # the pico tower has 3 maps
+    assert main(["study", str(bad_layer), "--out", str(tmp_path / "d")]) == 2
+    assert "tower_feature_layer: pico: feature layer 7 does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
     dag = Dag()
     dag.add(Stage("a", "merge", {}, inputs=["b"]))
     dag.add(Stage("b", "merge", {}, inputs=["a"]))

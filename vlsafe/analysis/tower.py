@@ -20,19 +20,11 @@ import numpy as np
 from vlsafe.errors import VlsafeError
 
 
-def _answer(task: str, scene: dict, digit_labels) -> str:
-    if task == "digit":
-        return str(int(digit_labels[scene["digit_index"]]))
-    if task == "ocr":
-        return scene["word"]
-    if task == "count":
-        return str(len(scene["objects"]))
-    return str(scene["objects"][0][{"colour": "colour", "shape": "shape", "position": "position"}[task]])
-
-
 def scenes(task: str, n: int, split: str, seed: int) -> tuple[list[dict], list[str]]:
-    """`n` scenes of the kind `task` asks about, with their answers; `split` picks the digit pool."""
+    """`n` scenes of the kind `task` asks about, with the answers the held-out questions would expect (the
+    corpus's own `eval_prompt`); `split` picks the digit pool."""
     from vlsafe.data import synthetic
+    from vlsafe.data.synthetic_text import eval_prompt
 
     images, labels = synthetic._digits()
     pool = np.array([i for i in range(len(images)) if synthetic.held_out_digit(i) == (split == "eval")])
@@ -40,21 +32,27 @@ def scenes(task: str, n: int, split: str, seed: int) -> tuple[list[dict], list[s
     drawn = [synthetic.make_scene(synthetic.EVAL_SCENE[task],
                                   np.random.default_rng([seed, salt, synthetic.TASKS.index(task), i]), pool)
              for i in range(n)]
-    return drawn, [_answer(task, s, labels) for s in drawn]
+    answers = [eval_prompt("probe", task, s, None, int(labels[s["digit_index"]]) if task == "digit" else None).answer
+               for s in drawn]
+    return drawn, answers
 
 
-def _features(spec, drawn: list[dict], batch: int = 32) -> np.ndarray:
+def _pixels(spec, drawn: list[dict]):
+    from vlsafe.data import synthetic
+
+    return spec.image_processor(images=[synthetic.draw(s) for s in drawn], return_tensors="pt")["pixel_values"]
+
+
+def _features(spec, pixels, batch: int = 32) -> np.ndarray:
     import torch
 
-    from vlsafe.data import synthetic
     from vlsafe.model.towers import tower_features
 
     rows = []
     with torch.inference_mode():
-        for start in range(0, len(drawn), batch):
-            pixels = spec.image_processor(images=[synthetic.draw(s) for s in drawn[start:start + batch]],
-                                          return_tensors="pt")["pixel_values"]
-            feats = tower_features(spec.module, spec.kind, pixels, spec.feature_layer, spec.select_strategy)
+        for start in range(0, len(pixels), batch):
+            feats = tower_features(spec.module, spec.kind, pixels[start:start + batch], spec.feature_layer,
+                                   spec.select_strategy)
             rows.append(feats.float().flatten(1).numpy())
     return np.concatenate(rows)
 
@@ -87,12 +85,15 @@ def probe(tower: str = "efficientnet-lite0", layers: list[int | None] | None = N
     data = {task: (scenes(task, n, "train", seed), scenes(task, max(5, n // 2), "eval", seed)) for task in tasks}
     chance = {task: rounded(Counter(test[1]).most_common(1)[0][1] / len(test[1]), 4)
               for task, (_, test) in data.items()}
+    # every tower spec of one tower shares its image processor: each image is drawn and processed once
+    pixels = {task: (_pixels(specs[0], train[0]), _pixels(specs[0], test[0])) for task, (train, test) in data.items()}
     rows = []
     for spec in specs:
         accuracy = {}
-        for task, ((train_scenes, y_train), (test_scenes, y_test)) in data.items():
-            accuracy[task] = rounded(_fit_score(_features(spec, train_scenes), y_train,
-                                                _features(spec, test_scenes), y_test), 4)
+        for task, ((_, y_train), (_, y_test)) in data.items():
+            train_pixels, test_pixels = pixels[task]
+            accuracy[task] = rounded(_fit_score(_features(spec, train_pixels), y_train,
+                                                _features(spec, test_pixels), y_test), 4)
         rows.append({"layer": spec.feature_layer, "channels": spec.hidden_size, "tokens": spec.num_image_tokens,
                      "accuracy": accuracy, "mean": rounded(np.mean(list(accuracy.values())), 4)})
     result = header("tower-probe")

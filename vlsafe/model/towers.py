@@ -21,6 +21,7 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 BUILTIN_TOWERS = ("efficientnet-lite0", "pico")
+PICO_LAYERS = 2
 
 
 @dataclass
@@ -79,8 +80,8 @@ def tower_features(module: nn.Module, kind: str, pixel_values: torch.Tensor, fea
 def _pico(seed: int, feature_layer: int | None) -> TowerSpec:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=PICO_LAYERS,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
     torch.manual_seed(seed)
     module = CLIPVisionModel(config).eval()
     return TowerSpec("hf", module, image_processor_for(32, CLIP_MEAN, CLIP_STD), config, 32,
@@ -128,6 +129,21 @@ def _check_layer(source: str, layer: int, count: int) -> None:
     """One clear line unless `layer` indexes one of the tower's `count` feature maps (hidden states)."""
     if not -count <= layer < count:
         raise VlsafeError(f"{source}: feature layer {layer} does not exist (0 to {count - 1}, or -1 to -{count})")
+
+
+def check_builtin_layer(spec: str, layer: int | None) -> str | None:
+    """Without loading anything: the error line when a built-in tower has no feature map `layer`, else None
+    (other towers are checked when they are loaded)."""
+    from vlsafe.model.efficientnet import feature_shapes
+
+    counts = {"efficientnet-lite0": len(feature_shapes(224)), "pico": PICO_LAYERS + 1}  # + the embeddings
+    if layer is None or spec not in counts:
+        return None
+    try:
+        _check_layer(spec, layer, counts[spec])
+    except VlsafeError as err:
+        return str(err)
+    return None
 
 
 def resolve_tower(spec: str, feature_layer: int | None = None, select_strategy: str | None = None, seed: int = 0,

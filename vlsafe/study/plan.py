@@ -131,6 +131,10 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
     c = config.cost
     seeds = config.seeds
     first = seeds[0]
+    from vlsafe.model.towers import check_builtin_layer
+
+    if line := check_builtin_layer(config.tower, config.tower_feature_layer):
+        plan.missing.append(f"tower_feature_layer: {line}")
     for spec, kind in ((config.llm, "llm"), (config.tower, "tower")):
         line = check_model_spec(spec, kind)
         if line:
