@@ -182,3 +182,16 @@ def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_p
     assert f"git {'a' * 12} + {'b' * 12}, config" in readme.tables(tmp_path / "results")
     assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
         tmp_path / "results")
+    # a claim tested per condition gets a row per condition; claims rebuilt at a later commit name it
+    per_condition = {**summary["claims"][0], "conditions": {
+        "text": {"verdict": "inconclusive", "difference": 0.04, "ci": [-0.04, 0.1], "n": 120, "seeds": 2,
+                 "seed_sd": 0.01},
+        "blank": {"verdict": "reproduced", "difference": 0.3, "ci": [0.2, 0.4], "n": 80, "seeds": 2, "seed_sd": 0.05}}}
+    (tmp_path / "results" / "two-seeds.json").write_text(json.dumps(
+        {**summary, "claims": [per_condition], "report_git": "c" * 40}))
+    text = readme.tables(tmp_path / "results")
+    assert "| F1, as text | inconclusive | 4% | [-4%, 10%] | 120 x 2 | 1% |" in text
+    assert "| F1, blank image | reproduced | 30% | [20%, 40%] | 80 x 2 | 5% |" in text
+    assert f"git abc, claims by git {'c' * 12}, config" in text
+    assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
+        tmp_path / "results")

@@ -22,13 +22,15 @@ def write_summary(results: dict, path: str | Path) -> dict:
     from vlsafe.io import write_json
 
     summary = {
-        "format": "vlsafe.results-summary/1", "git": results["git"], "config_file": results["config_file"],
+        "format": "vlsafe.results-summary/1", "git": results["git"], "report_git": results.get("report_git"),
+        "config_file": results["config_file"],
         "name": results["config"].get("name"), "seeds": results["config"].get("seeds"), "judges": results["judges"],
         "complete": results["complete"], "seconds_by_stage": results["seconds_by_stage"],
         "machines": results.get("machines", []),
         "answers_from_cache": results.get("answers_from_cache", []),
-        "claims": [{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
-                                          "seed_sd", "reason")} for c in results["claims"]],
+        "claims": [{**{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
+                                             "seed_sd", "reason")},
+                    **({"conditions": c["conditions"]} if c.get("conditions") else {})} for c in results["claims"]],
         "models": [{"model": m["model"], "seed": m.get("seed"),
                     "cells": [{k: c[k] for k in ("benchmark", "condition", "metric", "value", "ci", "n")}
                               for c in m["cells"]]}
@@ -38,6 +40,9 @@ def write_summary(results: dict, path: str | Path) -> dict:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, summary)
     return summary
+
+
+CONDITIONS = {"text": "as text", "blank": "blank image", "typo": "typographic image"}
 
 
 def _pct(value) -> str:
@@ -74,14 +79,24 @@ def tables(results_dir: str | Path) -> str:
     parts = []
     for path in sorted(Path(results_dir).glob("*.json")):
         s = json.loads(path.read_text())
-        parts.append(f"**{s['name']}** (`{path.name}`: git {commits(s['git'], short=True)}, config {s['config_file']}, "
+        # the claims are computed when the report is built: name that commit when it is not the run's
+        rebuilt = s.get("report_git") or ""
+        dirty = "-dirty" if rebuilt.endswith("-dirty") else ""
+        rebuilt = f", claims by git {rebuilt[:12]}{dirty}" if rebuilt and rebuilt not in str(s["git"]) else ""
+        parts.append(f"**{s['name']}** (`{path.name}`: git {commits(s['git'], short=True)}{rebuilt}, "
+                     f"config {s['config_file']}, "
                      f"judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran_on(s.get('machines'))})\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
         for c in s["claims"]:
             ci = f"[{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]" if c.get("ci") else "-"
             count = f"{c['n']} x {c.get('seeds') or 1}" if c.get("n") else "-"
-            parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c['estimate'])} | {ci} | {count} | "
+            parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c.get('estimate'))} | {ci} | {count} | "
                          f"{_pct(c.get('seed_sd'))} |")
+            for condition, sub in (c.get("conditions") or {}).items():  # a claim tested per condition
+                sub_ci = f"[{_pct(sub['ci'][0])}, {_pct(sub['ci'][1])}]" if sub.get("ci") else "-"
+                sub_count = f"{sub['n']} x {sub.get('seeds') or 1}" if sub.get("n") else "-"
+                parts.append(f"| {c['id']}, {CONDITIONS.get(condition, condition)} | {sub['verdict']} | "
+                             f"{_pct(sub.get('difference'))} | {sub_ci} | {sub_count} | {_pct(sub.get('seed_sd'))} |")
         head = " | ".join(label for label, _ in COLUMNS)
         parts.append(f"\n| model | {head} |\n|---|{'---|' * len(COLUMNS)}")
         spread = s.get("seed_spread") or {}

@@ -202,7 +202,8 @@ def f1(models: dict[str, list[dict]], perceived: bool, margin: float) -> dict:
         reason += "; typographic condition not perceived (legibility probe at chance), left out"
     return _claim("F1", verdict, reason, main, comparisons=comparisons,
                   conditions={c: {"verdict": sides[c], "difference": e.get("difference"), "ci": e.get("ci"),
-                                  "n": e.get("n"), "seeds": e.get("seeds")} for c, e in tested.items()})
+                                  "n": e.get("n"), "seeds": e.get("seeds"), "seed_sd": e.get("seed_sd")}
+                              for c, e in tested.items()})
 
 
 def f2(models: dict[str, list[dict]], perceived: bool, margin: float) -> dict:
