@@ -196,7 +196,8 @@ def f1(models: dict[str, list[dict]], perceived: bool, margin: float) -> dict:
         control_side = _side(vs_control, margin, +1)
         reason += (f"; text, adapted - control: {_fmt(vs_control)} ("
                    + {"reproduced": "VL adaptation erodes more than text-only fine-tuning",
-                      "not_reproduced": "text-only fine-tuning erodes as much: the erosion is not specific to VL",
+                      "not_reproduced": "text-only fine-tuning erodes as much or more: the erosion is not specific "
+                                        "to VL",
                       "inconclusive": "not told apart from text-only fine-tuning"}[control_side] + ")")
     if not perceived:
         reason += "; typographic condition not perceived (legibility probe at chance), left out"
