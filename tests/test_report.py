@@ -191,7 +191,7 @@ def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_p
         {**summary, "claims": [per_condition], "report_git": "c" * 40}))
     text = readme.tables(tmp_path / "results")
     assert "| F1, as text | inconclusive | 4% | [-4%, 10%] | 120 x 2 | 1% |" in text
-    assert "| F1, blank image | reproduced | 30% | [20%, 40%] | 80 x 2 | 5% |" in text
+    assert "| F1, with a blank image | reproduced | 30% | [20%, 40%] | 80 x 2 | 5% |" in text
     assert f"git abc, claims by git {'c' * 12}, config" in text
     assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
         tmp_path / "results")

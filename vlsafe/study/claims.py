@@ -34,6 +34,7 @@ from typing import Iterable
 
 HARMFUL, OVERREFUSAL, HELPFUL = "attack_success_rate", "refusal_rate", "accuracy"
 REMEDIES = ("safety_sft", "dpo", "mixed")
+CONDITION_NAMES = {"text": "as text", "blank": "with a blank image", "typo": "with a typographic image"}
 TITLES = {"F1": "VL adaptation raises attack success", "F2": "safety tuning lowers ASR at a cost",
           "F3": "adaptation moves particular layers; adaptation and safety updates point apart",
           "F4": "a merge trades off better than the trained remedies"}
@@ -183,8 +184,8 @@ def f1(models: dict[str, list[dict]], perceived: bool, margin: float) -> dict:
         verdict = "inconclusive"
     # the headline estimate: the first condition that carries the verdict (text first), else text
     main = next((tested[c] for c in tested if sides[c] == verdict), text)
-    names = {"text": "text", "blank": "blank image", "typo": "typographic image"}
-    parts = [f"{names[c]} ASR, adapted - aligned: {_fmt(tested[c])} ({sides[c].replace('_', ' ')})" for c in tested]
+    parts = [f"ASR {CONDITION_NAMES[c]}, adapted - aligned: {_fmt(tested[c])} ({sides[c].replace('_', ' ')})"
+             for c in tested]
     reason = "; ".join(parts)
     for condition in tested:
         if condition != "text" and vlm1:
@@ -194,7 +195,7 @@ def f1(models: dict[str, list[dict]], perceived: bool, margin: float) -> dict:
     if control:
         vs_control = comparisons[-1]
         control_side = _side(vs_control, margin, +1)
-        reason += (f"; text, adapted - control: {_fmt(vs_control)} ("
+        reason += (f"; as text, adapted - control: {_fmt(vs_control)} ("
                    + {"reproduced": "VL adaptation erodes more than text-only fine-tuning",
                       "not_reproduced": "text-only fine-tuning erodes as much or more: the erosion is not specific "
                                         "to VL",
