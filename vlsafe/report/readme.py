@@ -57,6 +57,13 @@ COLUMNS = [("HarmBench ASR", ("harmbench", "text", "attack_success_rate")),
            ("held-out image accuracy", ("heldout", "native", "accuracy"))]
 
 
+def _claim_row(label: str, verdict: str, estimate, row: dict) -> str:
+    """One row of the claims table: the estimate, its interval, items x seeds and the seed spread."""
+    ci = f"[{_pct(row['ci'][0])}, {_pct(row['ci'][1])}]" if row.get("ci") else "-"
+    count = f"{row['n']} x {row.get('seeds') or 1}" if row.get("n") else "-"
+    return f"| {label} | {verdict} | {_pct(estimate)} | {ci} | {count} | {_pct(row.get('seed_sd'))} |"
+
+
 def _cell(cell: dict | None) -> str:
     if not cell or cell.get("value") is None:
         return "-"
@@ -86,15 +93,10 @@ def tables(results_dir: str | Path) -> str:
                      f"judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran_on(s.get('machines'))})\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
         for c in s["claims"]:
-            ci = f"[{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]" if c.get("ci") else "-"
-            count = f"{c['n']} x {c.get('seeds') or 1}" if c.get("n") else "-"
-            parts.append(f"| {c['id']} | {c['verdict']} | {_pct(c.get('estimate'))} | {ci} | {count} | "
-                         f"{_pct(c.get('seed_sd'))} |")
+            parts.append(_claim_row(c["id"], c["verdict"], c.get("estimate"), c))
             for condition, sub in (c.get("conditions") or {}).items():  # a claim tested per condition
-                sub_ci = f"[{_pct(sub['ci'][0])}, {_pct(sub['ci'][1])}]" if sub.get("ci") else "-"
-                sub_count = f"{sub['n']} x {sub.get('seeds') or 1}" if sub.get("n") else "-"
-                parts.append(f"| {c['id']}, {CONDITION_NAMES.get(condition, condition)} | {sub['verdict']} | "
-                             f"{_pct(sub.get('difference'))} | {sub_ci} | {sub_count} | {_pct(sub.get('seed_sd'))} |")
+                parts.append(_claim_row(f"{c['id']}, {CONDITION_NAMES.get(condition, condition)}", sub["verdict"],
+                                        sub.get("difference"), sub))
         head = " | ".join(label for label, _ in COLUMNS)
         parts.append(f"\n| model | {head} |\n|---|{'---|' * len(COLUMNS)}")
         spread = s.get("seed_spread") or {}
