@@ -18,7 +18,8 @@ def ran_on(machines: list[dict] | None) -> str:
         spent = sorted((m.get("by_kind") or {}).items(), key=lambda kv: -kv[1])
         shown = [(kind, s) for kind, s in spent if s >= 60]
         rest = sum(s for kind, s in spent if s < 60)
-        parts = [f"{kind} {s / 60:.1f}" for kind, s in shown] + ([f"other {rest / 60:.1f}"] if rest >= 0.05 else [])
+        # seconds: a rest under 3 s would print as "other 0.0"
+        parts = [f"{kind} {s / 60:.1f}" for kind, s in shown] + ([f"other {rest / 60:.1f}"] if rest >= 3 else [])
         return ": " + ", ".join(parts) if parts else ""
 
     return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min{kinds(m)})" for m in machines)
