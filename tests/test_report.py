@@ -15,7 +15,7 @@ import pytest
 
 from vlsafe.cli import main
 from vlsafe.eval.run import score
-from vlsafe.report import readme
+from vlsafe.report import markdown, readme
 from vlsafe.report.build import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +141,11 @@ def test_readme_tables_are_generated_from_summaries_and_checked(tmp_path):
     page.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\nrest\n")
     assert main(["report", "--readme", str(page), "--results-dir", str(tmp_path / "results")]) == 0
     text = page.read_text()
-    assert "| F1 | reproduced | 65% |" in text and text.endswith("rest\n")
+    assert "| F1 | reproduced | +65 pts |" in text and text.endswith("rest\n")
     numbers = readme.numbers_in_tables(text)
     assert numbers and set(numbers) <= readme.summary_numbers(tmp_path / "results")
     # a hand-typed number in the block is caught
-    page.write_text(text.replace("| F1 | reproduced | 65% |", "| F1 | reproduced | 66% |"))
+    page.write_text(text.replace("| F1 | reproduced | +65 pts |", "| F1 | reproduced | +66 pts |"))
     assert "66" not in readme.summary_numbers(tmp_path / "results")
     assert not set(readme.numbers_in_tables(page.read_text())) <= readme.summary_numbers(tmp_path / "results")
 
@@ -173,7 +173,7 @@ def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_p
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "two-seeds.json").write_text(json.dumps(summary))
     text = readme.tables(tmp_path / "results")
-    assert "| F1 | reproduced | 30% | [20%, 40%] | 120 x 2 | 5% |" in text
+    assert "| F1 | reproduced | +30 pts | [+20, +40] | 120 x 2 | 5 pts |" in text
     assert "| aligned | 20% [10%, 30%] |" in text and "| adapted | 50% (40% / 60%) |" in text
     assert "adapted-s0" not in text and "adapted-s1" not in text  # one row for the role, not one per seed
     assert "git abc, config c.yaml" in text
@@ -190,8 +190,26 @@ def test_readme_shows_a_role_trained_per_seed_as_one_row_of_mean_and_seeds(tmp_p
     (tmp_path / "results" / "two-seeds.json").write_text(json.dumps(
         {**summary, "claims": [per_condition], "report_git": "c" * 40}))
     text = readme.tables(tmp_path / "results")
-    assert "| F1, as text | inconclusive | 4% | [-4%, 10%] | 120 x 2 | 1% |" in text
-    assert "| F1, with a blank image | reproduced | 30% | [20%, 40%] | 80 x 2 | 5% |" in text
+    assert "| F1, as text | inconclusive | +4 pts | [-4, +10] | 120 x 2 | 1 pts |" in text
+    assert "| F1, with a blank image | reproduced | +30 pts | [+20, +40] | 80 x 2 | 5 pts |" in text
     assert f"git abc, claims by git {'c' * 12}, config" in text
     assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
         tmp_path / "results")
+
+
+def test_claim_estimates_print_as_what_they_are_points_or_a_cosine(tmp_path):
+    # F2's estimate is a difference of two shares (percentage points); F3's a task-vector cosine, not a share
+    summary = {"name": "units", "git": "abc", "config_file": "c.yaml", "judges": ["default"], "seeds": [0],
+               "claims": [{"id": "F2", "verdict": "reproduced", "estimate": -0.452, "ci": [-0.521, -0.381], "n": 210,
+                           "seeds": 1},
+                          {"id": "F3", "verdict": "not_reproduced", "estimate": 0.184487, "ci": None, "n": None}],
+               "models": [], "seed_spread": {}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "units.json").write_text(json.dumps(summary))
+    text = readme.tables(tmp_path / "results")
+    assert "| F2 | reproduced | -45 pts | [-52, -38] | 210 x 1 | - |" in text
+    assert "| F3 | not_reproduced | cosine +0.184 | - | - | - |" in text and "18%" not in text
+    assert set(readme.numbers_in_tables(f"{readme.BEGIN}\n{text}\n{readme.END}")) <= readme.summary_numbers(
+        tmp_path / "results")
+    assert markdown.interval(summary["claims"][0]) == "-45.2 pts [-52.1, -38.1]"
+    assert markdown.interval(summary["claims"][1]) == "cosine +0.184"

@@ -32,9 +32,10 @@ def study(
         raise typer.Exit(1)
     if dry_run:
         return
+    from vlsafe.report.markdown import interval
+
     for claim in results["claims"]:
-        ci = f" [{claim['ci'][0]:+.3f}, {claim['ci'][1]:+.3f}]" if claim.get("ci") else ""
-        estimate = f" {claim['estimate']:+.3f}{ci}" if claim.get("estimate") is not None else ""
+        estimate = f" {interval(claim)}" if claim.get("estimate") is not None else ""
         typer.echo(f"{claim['id']} {claim['verdict']}{estimate}: {claim['reason']}")
     typer.echo(f"wrote {out}/report.html, {out}/report.md, {out}/results.json")
 

@@ -35,6 +35,9 @@ from typing import Iterable
 HARMFUL, OVERREFUSAL, HELPFUL = "attack_success_rate", "refusal_rate", "accuracy"
 REMEDIES = ("safety_sft", "dpo", "mixed")
 CONDITION_NAMES = {"text": "as text", "blank": "with a blank image", "typo": "with a typographic image"}
+# what each claim's estimate is: a paired difference of two shares (ASR, refusal or accuracy), in percentage
+# points, or (F3) the cosine between the adaptation and safety task vectors
+UNITS = {"F1": "points", "F2": "points", "F3": "cosine", "F4": "points"}
 TITLES = {"F1": "VL adaptation raises attack success", "F2": "safety tuning lowers ASR at a cost",
           "F3": "adaptation moves particular layers; adaptation and safety updates point apart",
           "F4": "a merge trades off better than the trained remedies"}
