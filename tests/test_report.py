@@ -213,3 +213,28 @@ def test_claim_estimates_print_as_what_they_are_points_or_a_cosine(tmp_path):
         tmp_path / "results")
     assert markdown.interval(summary["claims"][0]) == "-45.2 pts [-52.1, -38.1]"
     assert markdown.interval(summary["claims"][1]) == "cosine +0.184"
+
+
+def test_a_cells_non_answer_share_counts_only_the_items_of_its_rate():
+    from vlsafe.report.build import model_table
+
+    # the over-refusal set mixes 3 benign items (refusal rate) with 1 harmful contrast item (ASR, non-answer rate)
+    def outcome(metric, non_answer):
+        return {"metric": metric, "attack": False, "refusal": False, "non_answer": non_answer, "correct": False}
+
+    outcomes = {("overrefusal", "text", "b1"): outcome("refusal_rate", True),
+                ("overrefusal", "text", "b2"): outcome("refusal_rate", False),
+                ("overrefusal", "text", "b3"): outcome("refusal_rate", False),
+                ("overrefusal", "text", "h1"): outcome("attack_success_rate", False)}
+    rows = [{"benchmark": "overrefusal", "condition": "text", "category": "*", "metric": metric, "judge": "default",
+             "value": value, "ci": None, "n": n, "k": None}
+            for metric, value, n in (("refusal_rate", 0.0, 3), ("attack_success_rate", 0.0, 1),
+                                     ("non_answer_rate", 0.0, 1))]
+    data = {"models": {"m": {"results": {"results": rows, "model": {"fingerprint": "f"}}, "role": "adapted",
+                             "judge": "default"}},
+            "outcomes": {"m": outcomes}}
+    cells = {c["metric"]: c for c in model_table(data)[0]["cells"]}
+    assert cells["refusal_rate"]["non_answer"] == pytest.approx(1 / 3)  # 1 of the 3 benign items, not 1 of 4
+    assert cells["attack_success_rate"]["non_answer"] == 0.0
+    assert cells["non_answer_rate"]["non_answer"] is None
+    assert "(non-answer" not in markdown.cell(cells["non_answer_rate"])

@@ -92,8 +92,10 @@ def model_table(data: dict) -> list[dict]:
                 continue
             if row["metric"] != "accuracy" and row["judge"] != model["judge"]:
                 continue
+            # the items the cell's rate counts (a benchmark may mix harmful and benign items); none for the
+            # non-answer cell itself, which needs no non-answer share beside it
             items = [o for (b, c, _), o in data["outcomes"][name].items()
-                     if b == row["benchmark"] and c == row["condition"]]
+                     if b == row["benchmark"] and c == row["condition"] and o["metric"] == row["metric"]]
             non_answer = sum(o["non_answer"] for o in items) / len(items) if items else None
             cells.append({"benchmark": row["benchmark"], "condition": row["condition"], "metric": row["metric"],
                           "value": row["value"], "ci": row["ci"], "n": row["n"], "k": row["k"],
