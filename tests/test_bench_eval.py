@@ -124,6 +124,7 @@ def test_where_answers_part_the_naive_choice_and_its_lead_over_the_runner_up(cha
     assert not naive[1].startswith(shared + "\x00")
     rows = _parted(bundle, prompts, ids, [naive[0], shared + "\x00", ""])
     assert [(r["id"], r["token"]) for r in rows] == [("1", 2), ("2", 0)]
+    assert (rows[0]["naive"], rows[0]["batched"]) == (naive[1], shared + "\x00")
     # the greedy choice was the top logit of the same unpadded pass: it leads the runner-up
     assert all(r["lead"] >= 0 for r in rows)
 

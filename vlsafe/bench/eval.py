@@ -69,7 +69,7 @@ def _naive(bundle, prompts, decoding, token_ids: list | None = None) -> list[str
 def _parted(bundle, prompts, naive_ids: list[list[int]], batched: list[str]) -> list[dict]:
     """For each prompt whose batched answer differs from the naive one: the first naive token whose text the
     batched answer does not share, and how far that greedy choice led the runner-up (its logit minus the best
-    other's) in one unpadded forward pass over the prompt and the naive answer before it."""
+    other's) in one unpadded forward pass over the prompt and the naive answer before it; both answers beside."""
     import torch
 
     fmt, tokenizer = bundle.formatter(), bundle.tokenizer
@@ -92,7 +92,8 @@ def _parted(bundle, prompts, naive_ids: list[list[int]], batched: list[str]) -> 
             logits = bundle.model(**batch).logits[0, -1].float()
         c = ids[at]
         runner_up = torch.cat([logits[:c], logits[c + 1:]]).max().item()
-        rows.append({"id": prompt.id, "token": at, "lead": round(logits[c].item() - runner_up, 4)})
+        rows.append({"id": prompt.id, "token": at, "lead": round(logits[c].item() - runner_up, 4),
+                     "naive": text, "batched": other})
     return rows
 
 
