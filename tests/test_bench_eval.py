@@ -31,17 +31,22 @@ def chatty_pico():
     return bundle
 
 
-def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, monkeypatch):
-    bundle = chatty_pico
-    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
-    decoding = generation.Decoding(max_new_tokens=12)  # > SEGMENT_TOKENS: rows continue from their cache
-    # make answers end at different lengths: a token the model writes mid-answer in some rows becomes a stop token
+def _varied_stops(bundle, prompts, decoding, monkeypatch) -> None:
+    """Makes answers end at different lengths: a token the model writes mid-answer in some rows becomes a stop."""
     plain = generation.generate(bundle, prompts, decoding, batch_size=len(prompts))
     tokenizer = bundle.tokenizer
     counts = Counter(t for text in plain for t in set(tokenizer(text, add_special_tokens=False)["input_ids"][1:8]))
     stop_token = next(t for t, c in counts.most_common() if c < len(prompts))
     monkeypatch.setattr(bundle.model.generation_config, "eos_token_id",
                         [tokenizer.eos_token_id, stop_token])
+
+
+def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, monkeypatch):
+    bundle = chatty_pico
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    decoding = generation.Decoding(max_new_tokens=12)  # > SEGMENT_TOKENS: rows continue from their cache
+    _varied_stops(bundle, prompts, decoding, monkeypatch)
+    tokenizer = bundle.tokenizer
     merges = []
     real_merge = generation._merge
     monkeypatch.setattr(generation, "_merge", lambda *a: merges.append(1) or real_merge(*a))
@@ -55,6 +60,39 @@ def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, 
     fmt = bundle.formatter()
     shared = generation._shared_prefix([fmt.encode_prompt(p.text).input_ids for p in prompts], None)
     assert tokenizer.decode(shared).endswith("<|im_start|>user\n")  # the chat preamble ran once
+
+
+def test_a_joining_group_that_finishes_in_its_first_segment_leaves_the_running_rows_running(chatty_pico,
+                                                                                              monkeypatch):
+    # held-out image questions ("It is green.") end within one segment: a whole group of them can join a running
+    # batch and finish at once, and the rows already running must still be answered in full
+    bundle = chatty_pico
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    decoding = generation.Decoding(max_new_tokens=20)
+    _varied_stops(bundle, prompts, decoding, monkeypatch)
+    expected = _naive(bundle, prompts, decoding)
+    real_start, real_step = generation._start, generation._step
+    groups: list[list[int]] = []
+
+    def start(*args):
+        rows = real_start(*args)
+        groups.append(list(rows.index))
+        rows.joining = len(groups) > 1  # every group after the first joins (or follows) running rows
+        return rows
+
+    def step(model, rows, **kwargs):  # a joining group's rows all finish with their first segment
+        kept, done = real_step(model, rows, **kwargs)
+        if getattr(rows, "joining", False) and kept is not None:
+            done.update(zip(kept.index, kept.new))
+            return None, done
+        return kept, done
+
+    monkeypatch.setattr(generation, "_start", start)
+    monkeypatch.setattr(generation, "_step", step)
+    answers = generation.generate(bundle, prompts, decoding, batch_size=4)
+    assert len(groups) > 1 and all(answers)
+    first = groups[0]
+    assert [answers[i] for i in first] == [expected[i] for i in first]
 
 
 def test_a_long_prompt_prefills_apart_from_short_ones_and_answers_stay_those_of_naive(chatty_pico, monkeypatch):

@@ -214,7 +214,8 @@ def _generate_hf(bundle, prompts, decoding, batch_size, system, progress, on_don
             pending = pending[len(take):]
             fresh, done = step(_start(fmt, [encoded[i] for i in take], take, shared, prefix_cache, pad))
             finish(done)
-            rows = fresh if rows is None or fresh is None else _merge(rows, fresh, pad)
+            if fresh is not None:  # a group that finished in its first segment leaves the running rows as they are
+                rows = fresh if rows is None else _merge(rows, fresh, pad)
             continue
         rows, done = step(rows)
         finish(done)

@@ -95,8 +95,11 @@ class Dag:
 CODE_VERSION = 1  # bump when what every stage writes changes
 # a kind's own code version (0 where never bumped): bump it when what that kind writes changes, and a finished study
 # redoes only those stages and what reads them. eval, legibility 1: a closed-set answer counts only when the reply
-# names no other choice (vlsafe.eval.metrics.answer_correct); the answers themselves come back from the cache
-KIND_VERSIONS = {"eval": 1, "legibility": 1}
+# names no other choice (vlsafe.eval.metrics.answer_correct); the answers themselves come back from the cache.
+# eval, legibility 2: the generation engine no longer drops the running rows when a group that joined them finishes
+# within its first segment (their answers came back empty and were scored as non-answers); those answers were never
+# cached, so a rerun generates only them
+KIND_VERSIONS = {"eval": 2, "legibility": 2}
 
 
 def stage_key(stage: Stage, input_keys: dict[str, str], file_prints: dict[str, str], version: int = 0) -> str:
