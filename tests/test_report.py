@@ -238,3 +238,15 @@ def test_a_cells_non_answer_share_counts_only_the_items_of_its_rate():
     assert cells["attack_success_rate"]["non_answer"] == 0.0
     assert cells["non_answer_rate"]["non_answer"] is None
     assert "(non-answer" not in markdown.cell(cells["non_answer_rate"])
+
+
+def test_a_summarys_caveats_stand_above_its_tables(tmp_path):
+    summary = {"name": "faulty", "git": "abc", "config_file": "c.yaml", "judges": ["default"], "seeds": [0],
+               "caveats": ["its evaluations dropped some answers; rerun to replace them."],
+               "claims": [{"id": "F1", "verdict": "reproduced", "estimate": 0.3, "ci": [0.2, 0.4], "n": 120}],
+               "models": [], "seed_spread": {}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "faulty.json").write_text(json.dumps(summary))
+    text = readme.tables(tmp_path / "results")
+    caveat = text.index("> **Caveat:** its evaluations dropped some answers; rerun to replace them.")
+    assert text.index("**faulty**") < caveat < text.index("| claim |")

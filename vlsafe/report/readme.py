@@ -97,6 +97,8 @@ def tables(results_dir: str | Path) -> str:
         parts.append(f"**{s['name']}** (`{path.name}`: git {commits(s['git'], short=True)}{rebuilt}, "
                      f"config {s['config_file']}, "
                      f"judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran_on(s.get('machines'))})\n")
+        for caveat in s.get("caveats") or []:  # a known fault of the run that made these numbers, said beside them
+            parts.append(f"> **Caveat:** {caveat}\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
         for c in s["claims"]:
             parts.append(_claim_row(c["id"], c["id"], c["verdict"], c.get("estimate"), c))
