@@ -129,9 +129,11 @@ def _fmt(estimate: dict) -> str:
     if not estimate.get("ci"):
         return "n/a"
     seeds = estimate.get("seeds") or 1
-    spread = f", seed sd {estimate['seed_sd']:.1%}" if estimate.get("seed_sd") is not None else ""
+    # differences of two shares, in percentage points
+    spread = f", seed sd {100 * estimate['seed_sd']:.1f} pts" if estimate.get("seed_sd") is not None else ""
     count = f"n={estimate['n']}" + (f" x {seeds} seeds" if seeds > 1 else "")
-    return f"{estimate['difference']:+.1%} [{estimate['ci'][0]:+.1%}, {estimate['ci'][1]:+.1%}], {count}{spread}"
+    low, high = estimate["ci"]
+    return f"{100 * estimate['difference']:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}], {count}{spread}"
 
 
 def _claim(claim_id: str, verdict: str, reason: str, main: dict | None = None, **extra) -> dict:
