@@ -362,7 +362,7 @@ def test_f1_gives_each_perceived_condition_a_verdict_and_splits_the_image_effect
     steps = {r["compare"]: r for r in result["comparisons"] if r["condition"] == "blank"}
     assert steps["VLM@1 (image) vs aligned LLM (same request as text)"]["difference"] == pytest.approx(0.15)
     assert steps["adapted VLM vs VLM@1 (same image)"]["difference"] == pytest.approx(0.25)
-    assert "then stage 2 (adapted - VLM@1: +25.0%" in result["reason"]
+    assert "then stage 2 (adapted - VLM@1: +25.0 pts" in result["reason"]
     # as text too small a sample to rule anything out, with a blank image a clear rise: reproduced, on the image
     noisy = [i in (2, 3, 7, 14, 21, 28, 35, 42, 49, 56) for i in range(n)]
     text_noisy = {0: _outcomes(noisy, extra=_outcomes([i < 36 for i in range(n)], condition="blank"))}
