@@ -43,32 +43,23 @@ def cell(c: dict) -> str:
     return f"{c['value']:.0%}{ci} n={c['n']}{extra}"
 
 
-def estimate(claim_id: str, value, digits: int = 1, signed: bool = True) -> str:
-    """A claim's number as what it is (study/claims.py UNITS): a difference of shares in percentage points
-    ("+33.5 pts"), or a cosine ("cosine +0.184")."""
-    from vlsafe.study.claims import UNITS
-
-    if value is None:
-        return "-"
-    sign = "+" if signed else ""
-    if UNITS.get(claim_id) == "cosine":
-        return f"cosine {value:{sign}.3f}"
-    return f"{100 * value:{sign}.{digits}f} pts"
-
-
 def interval(claim: dict) -> str:
     if claim.get("estimate") is None:
         return "-"
-    ci = f" [{100 * claim['ci'][0]:+.1f}, {100 * claim['ci'][1]:+.1f}]" if claim.get("ci") else ""
-    return estimate(claim["id"], claim["estimate"]) + ci
+    from vlsafe.study.claims import format_estimate
+
+    low, high = (format_estimate(claim["id"], v, unit=False) for v in claim.get("ci") or (None, None))
+    return format_estimate(claim["id"], claim["estimate"]) + (f" [{low}, {high}]" if claim.get("ci") else "")
 
 
 def seed_note(claim: dict) -> str:
     """Each seed's own difference and their standard deviation, beside the pooled item interval."""
     if not claim.get("per_seed") or len(claim["per_seed"]) < 2:
         return "-"
-    return (f"sd {estimate(claim['id'], claim['seed_sd'], signed=False)} ("
-            + ", ".join(f"{100 * d:+.1f}" for d in claim["per_seed"]) + ")")
+    from vlsafe.study.claims import format_estimate
+
+    return (f"sd {format_estimate(claim['id'], claim['seed_sd'], signed=False)} ("
+            + ", ".join(format_estimate(claim["id"], d, unit=False) for d in claim["per_seed"]) + ")")
 
 
 CLAIM_HEADER = ["id", "finding", "verdict", "paired estimate [95% CI]", "n items", "seeds", "seed spread", "reason"]

@@ -28,6 +28,7 @@ F4  a merge has a better safety / over-refusal / helpfulness trade-off than a tr
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Iterable
@@ -38,6 +39,17 @@ CONDITION_NAMES = {"text": "as text", "blank": "with a blank image", "typo": "wi
 # what each claim's estimate is: a paired difference of two shares (ASR, refusal or accuracy), in percentage
 # points, or (F3) the cosine between the adaptation and safety task vectors
 UNITS = {"F1": "points", "F2": "points", "F3": "cosine", "F4": "points"}
+
+
+def format_estimate(claim_id: str, value, digits: int = 1, signed: bool = True, unit: bool = True) -> str:
+    """A claim's number as what it is: "+33.5 pts" (a difference of shares) or "cosine +0.184"; without `unit`
+    the number alone (an interval's bounds)."""
+    if value is None:
+        return "-"
+    sign = "+" if signed else ""
+    if UNITS.get(claim_id) == "cosine":
+        return ("cosine " if unit else "") + f"{value:{sign}.3f}"
+    return f"{100 * value:{sign}.{digits}f}" + (" pts" if unit else "")
 TITLES = {"F1": "VL adaptation raises attack success", "F2": "safety tuning lowers ASR at a cost",
           "F3": "adaptation moves particular layers; adaptation and safety updates point apart",
           "F4": "a merge trades off better than the trained remedies"}
@@ -129,11 +141,11 @@ def _fmt(estimate: dict) -> str:
     if not estimate.get("ci"):
         return "n/a"
     seeds = estimate.get("seeds") or 1
-    # differences of two shares, in percentage points
-    spread = f", seed sd {100 * estimate['seed_sd']:.1f} pts" if estimate.get("seed_sd") is not None else ""
+    points = functools.partial(format_estimate, "F1")  # every comparison here is a difference of shares
+    spread = f", seed sd {points(estimate['seed_sd'], signed=False)}" if estimate.get("seed_sd") is not None else ""
     count = f"n={estimate['n']}" + (f" x {seeds} seeds" if seeds > 1 else "")
     low, high = estimate["ci"]
-    return f"{100 * estimate['difference']:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}], {count}{spread}"
+    return f"{points(estimate['difference'])} [{points(low, unit=False)}, {points(high, unit=False)}], {count}{spread}"
 
 
 def _claim(claim_id: str, verdict: str, reason: str, main: dict | None = None, **extra) -> dict:
