@@ -250,3 +250,21 @@ def test_a_summarys_caveats_stand_above_its_tables(tmp_path):
     text = readme.tables(tmp_path / "results")
     caveat = text.index("> **Caveat:** its evaluations dropped some answers; rerun to replace them.")
     assert text.index("**faulty**") < caveat < text.index("| claim |")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a readable results summary"),
+    ('{"name": "x"}', "not a results summary (missing git"),
+    ('{"name": "x", "git": "a", "config_file": "c", "judges": [], "seeds": [0], "claims": [], "models": [], '
+     '"caveats": "one sentence"}', "caveats must be a list of sentences"),
+])
+def test_a_bad_summary_is_one_line_and_leaves_readme_as_it_was(tmp_path, capsys, content, message):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bad.json").write_text(content)
+    page = tmp_path / "README.md"
+    page.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n")
+    before = page.read_text()
+    assert main(["report", "--readme", str(page), "--results-dir", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "bad.json" in err and "Traceback" not in err
+    assert page.read_text() == before

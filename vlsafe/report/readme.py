@@ -81,12 +81,29 @@ def _spread_cell(row: dict | None) -> str:
     return f"{_pct(row['mean'])} ({' / '.join(_pct(v) for v in row['per_seed'].values())})"
 
 
+def _read_summary(path: Path) -> dict:
+    """A summary, checked for what the tables read: a bad file is one line naming it, before README is touched."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VlsafeError(f"{path}: not a readable results summary ({type(err).__name__})") from None
+    if not isinstance(s, dict):
+        raise VlsafeError(f"{path}: a results summary is a JSON object")
+    missing = [k for k in ("name", "git", "config_file", "judges", "seeds", "claims", "models") if k not in s]
+    if missing:
+        raise VlsafeError(f"{path}: not a results summary (missing {', '.join(missing)})")
+    caveats = s.get("caveats")
+    if caveats is not None and not (isinstance(caveats, list) and all(isinstance(c, str) for c in caveats)):
+        raise VlsafeError(f"{path}: caveats must be a list of sentences")
+    return s
+
+
 def tables(results_dir: str | Path) -> str:
     """Markdown: per summary, its claims (verdict, estimate, interval, seed spread) and the headline cells of each
     model: with one seed (or none) the model's value and interval, with several the mean and each seed's value."""
     parts = []
     for path in sorted(Path(results_dir).glob("*.json")):
-        s = json.loads(path.read_text())
+        s = _read_summary(path)
         # the claims are computed when the report is built: name that commit when it is not the run's
         rebuilt = s.get("report_git") or ""
         dirty = "-dirty" if rebuilt.endswith("-dirty") else ""
