@@ -2,9 +2,11 @@
 
 A generation is keyed by everything that can change the words a model writes: the model's content hash (weights
 plus chat template), the prompt text, the system prompt, the image's sha256, the decoding settings and the
-backend. A judgement is keyed by (generation key, judge name, judge version), where the version hashes whatever
-defines the judge (pattern file, classifier weights, prompt template + judge model), so editing a judge never
-serves stale verdicts.
+backend. A judgement is keyed by (judgement key, judge name, judge version): the judgement key hashes the generation
+key with the request and the response the judge read (`judgement_key`), so a response generated again (a fault
+fixed, a row that once came back empty) is judged again rather than given the old response's verdict; the version
+hashes whatever defines the judge (pattern file, classifier weights, prompt template + judge model), so editing a
+judge never serves stale verdicts.
 
 Several evaluations may write at once (e.g. one per checkpoint of a sweep): WAL mode lets readers and one writer
 proceed together, `busy_timeout` makes a second writer wait instead of failing, every write is one
@@ -47,6 +49,11 @@ def generation_key(model: str, prompt: str, system: str | None, image_sha256: st
     """sha256 over the fields as a JSON list: unambiguous, unlike joining strings with a separator."""
     fields = [model, prompt, system, image_sha256, decoding, backend]
     return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+
+
+def judgement_key(generation: str, request: str, response: str) -> str:
+    """What a verdict is keyed by: the generation it judged and the very words it read (request and response)."""
+    return hashlib.sha256(json.dumps([generation, request, response], ensure_ascii=False).encode()).hexdigest()
 
 
 class Cache:

@@ -296,16 +296,19 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
 
 
 def _judge(judge, cache, keys: list[str], prompts: list[Prompt], responses: list[str]) -> list[dict]:
-    """Verdicts from the judgement cache where present; the judge runs on the rest only."""
+    """Verdicts from the judgement cache where present; the judge runs on the rest only. `keys` are the generation
+    keys; a verdict is cached under the generation and the words judged (cache.judgement_key)."""
+    from vlsafe.eval.cache import judgement_key
     from vlsafe.eval.judges.base import VERDICTS
 
+    pairs = [(p.meta.get("request", p.text), response) for p, response in zip(prompts, responses)]
+    keys = [judgement_key(key, request, response) for key, (request, response) in zip(keys, pairs)]
     found = cache.get_verdicts(keys, judge.name, judge.version)
     # an entry from before three-way verdicts has no `verdict`: judge it again rather than guess one
     found = {k: v for k, v in found.items() if v.get("verdict") in VERDICTS}
     todo = [i for i, k in enumerate(keys) if k not in found]
     if todo:
-        pairs = [(prompts[i].meta.get("request", prompts[i].text), responses[i]) for i in todo]
-        fresh = {keys[i]: verdict.as_dict() for i, verdict in zip(todo, judge.judge_many(pairs))}
+        fresh = {keys[i]: verdict.as_dict() for i, verdict in zip(todo, judge.judge_many([pairs[i] for i in todo]))}
         cache.put_verdicts(fresh, judge.name, judge.version)
         found.update(fresh)
     return [found[k] for k in keys]
