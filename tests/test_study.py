@@ -96,6 +96,9 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
         "CPU (4 stages, 35.5 min: train 20.0, eval 15.0, other 0.5)"
     assert ran_on([{"machine": "CPU", "stages": 2, "seconds": 121.0, "by_kind": {"train": 120.0, "merge": 1.0}}]) == \
         "CPU (2 stages, 2.0 min: train 2.0)"  # a second's rest is not shown as "other 0.0"
+    assert ran_on([{"machine": "CPU", "stages": 2, "seconds": 121.0, "by_kind": {"train": 120.0, "eval": 1.0}}],
+                  ["eval-llm"]) == "CPU (2 stages, 2.0 min: train 2.0); 1 evaluation took every answer from the " \
+                                   "cache, so its time is judging only"
     assert f"Ran on: {ran['machine']}" in (out / "report.md").read_text()
     # a finished training stage keeps its checkpoints' models (evaluated) but not their resume state
     step = out / "stages" / "stage2-s0" / "run" / "checkpoints" / "step-2"

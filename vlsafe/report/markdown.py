@@ -7,11 +7,15 @@ from pathlib import Path
 SHORT = {"attack_success_rate": "ASR", "refusal_rate": "refused", "non_answer_rate": "non-answer", "accuracy": "acc"}
 
 
-def ran_on(machines: list[dict] | None) -> str:
+def ran_on(machines: list[dict] | None, from_cache: list[str] | tuple = ()) -> str:
     """ "AMD EPYC, 2 threads, bf16 avx512_bf16 (38 stages, 62.8 min: train 20.8, eval 27.0, ...)", one entry per
-    machine of the run, its stage kinds by time spent."""
+    machine of the run, its stage kinds by time spent; `from_cache`, the evaluations that generated nothing, are
+    named by count, since their minutes are judging only and say nothing of what a first run takes."""
     if not machines:
         return "machine not recorded"
+    n = len(from_cache)
+    cached = (f"; {n} evaluation{'s' * (n != 1)} took every answer from the cache, so "
+              f"{'their' if n != 1 else 'its'} time is judging only") if n else ""
 
     def kinds(m: dict) -> str:
         # the kinds that took a minute or more, the rest summed as "other"
@@ -22,7 +26,8 @@ def ran_on(machines: list[dict] | None) -> str:
         parts = [f"{kind} {s / 60:.1f}" for kind, s in shown] + ([f"other {rest / 60:.1f}"] if rest >= 3 else [])
         return ": " + ", ".join(parts) if parts else ""
 
-    return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min{kinds(m)})" for m in machines)
+    return "; ".join(f"{m['machine']} ({m['stages']} stages, {m['seconds'] / 60:.1f} min{kinds(m)})"
+                     for m in machines) + cached
 
 
 def commits(git, short: bool = False) -> str:
@@ -157,7 +162,8 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
     lines += table(["model", "benchmark", "condition", "request", "response", "verdict"],
                    [[e["model"], e["benchmark"], e["condition"], e["request"][:80], e["response"][:120], e["verdict"]]
                     for e in results["examples"][:60]])
-    lines += ["", "## Lineage", "", f"Ran on: {ran_on(results.get('machines'))}.", ""]
+    ran = ran_on(results.get("machines"), results.get("answers_from_cache", ()))
+    lines += ["", "## Lineage", "", f"Ran on: {ran}.", ""]
     lines += table(["stage", "kind", "inputs", "key", "model sha256", "seconds", "command"],
                    [[r["stage"], r["kind"], ", ".join(r["inputs"]), r["key"], (r["model_sha256"] or "")[:16],
                      r["seconds"], r["command"]] for r in results["lineage"]])

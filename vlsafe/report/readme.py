@@ -108,9 +108,9 @@ def tables(results_dir: str | Path) -> str:
         rebuilt = s.get("report_git") or ""
         dirty = "-dirty" if rebuilt.endswith("-dirty") else ""
         rebuilt = f", claims by git {rebuilt[:12]}{dirty}" if rebuilt and rebuilt not in str(s["git"]) else ""
+        ran = ran_on(s.get("machines"), s.get("answers_from_cache", ()))
         parts.append(f"**{s['name']}** (`{path.name}`: git {commits(s['git'], short=True)}{rebuilt}, "
-                     f"config {s['config_file']}, "
-                     f"judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran_on(s.get('machines'))})\n")
+                     f"config {s['config_file']}, judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran})\n")
         for caveat in s.get("caveats") or []:  # a known fault of the run that made these numbers, said beside them
             parts.append(f"> **Caveat:** {caveat}\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
