@@ -256,6 +256,9 @@ def test_eval_records_its_precision_and_refuses_one_it_cannot_run(tmp_path, caps
         report = json.loads((tmp_path / flag / "results.json").read_text())
         assert (report["config"]["dtype"], report["decoding"]["dtype"]) == (flag, resolved)
         assert report["cache"]["generation_misses"] == 3  # the fp32 run shares nothing with the bf16 one
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0  # no flag: fp32, bf16 only when asked
+    report = json.loads((tmp_path / "default" / "results.json").read_text())
+    assert report["decoding"]["dtype"] == "fp32" and report["cache"]["generation_hits"] == 3
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     for flag, message in (("bf16", "no native bf16"), ("fp16", "not an evaluation precision")):
         assert main([*base, "--dtype", flag, "--out", str(tmp_path / flag)]) == 2

@@ -100,7 +100,9 @@ def eval_command(
     data: Optional[List[str]] = typer.Option(
         None, "--data", help="NAME=PATH: the local file of a suite entry's published benchmark (repeatable), e.g. "
                              "--data xstest=xstest_prompts.csv for `--suite paper`."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware has it) | bf16 | fp32."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (the default: its greedy answers do not depend on the "
+                                                      "batch) | bf16 (faster, and moves verdicts) | auto (bf16 where "
+                                                      "the hardware has it)."),
 ) -> None:
     """Evaluate a model on a suite: per benchmark, condition, category and judge, rates with n and bootstrap 95%
     CIs; kappa between judges. Schema: vlsafe/eval/RESULTS.md."""

@@ -181,11 +181,13 @@ def git_hash() -> str | None:
 def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None = None, limit: int | None = None,
              conditions: list[str] | None = None, corpus: str | Path | None = None,
              cache_path: str | Path | None = None, batch_size: int = 16, backend: str = "hf", log=print,
-             judge: str | None = None, data: dict[str, str] | None = None, dtype: str = "auto") -> dict:
+             judge: str | None = None, data: dict[str, str] | None = None, dtype: str = "fp32") -> dict:
     """Evaluate `model` on `suite` into the new directory `out`; returns the results.json object. `judges`
     replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`); `data` maps suite
     entry names to local files of published benchmarks (`--data NAME=PATH`). `dtype`: the generation precision
-    (auto | fp32 | bf16; auto = bf16 where the hardware has it, see vlsafe/precision.py)."""
+    (fp32 | bf16 | auto; auto = bf16 where the hardware has it, see vlsafe/precision.py). fp32 by default: greedy
+    answers in fp32 do not depend on the batch, while bf16 rounding changes enough of them to move the verdicts
+    (vlsafe/precision.py has the measurement)."""
     import numpy
 
     from vlsafe.eval import benchmarks

@@ -76,6 +76,9 @@ class EvalSpec(Strict):
     # evaluate stage 2's checkpoints (the safety-dynamics curve): of every seed, of the first seed only, or none
     checkpoints: Literal[True, False, "first_seed"] = True
     legibility_items: int = Field(24, gt=0)  # the legibility probe's rendered words per VLM
+    # the generation precision of every evaluation (`vlsafe eval --dtype`): fp32, whose greedy answers do not depend
+    # on the batch, unless a profile trades verdict agreement for speed (vlsafe/precision.py has the measurement)
+    dtype: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
 class CostModel(Strict):

@@ -305,13 +305,15 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
         is_vlm = model_name not in ("llm", "aligned") and not model_name.startswith("control")
         dag.add(Stage(f"eval-{model_name}", "eval",
                       {"model": model["ref"], "suite": ref("suite", "suite"), "corpus": corpus,
-                       "judges": config.eval.judges, "batch_size": config.eval.batch_size},
+                       "judges": config.eval.judges, "batch_size": config.eval.batch_size,
+                       "dtype": config.eval.dtype},
                       inputs=[i for i in (producer, "suite", "corpus") if i],
                       models=[] if producer else model_specs(model["ref"]),
                       files=[] if producer else model_files(model["ref"]),
                       cost_s=gen(_eval_items(suite, is_vlm, heldout), suite["max_new_tokens"]),
                       command=f"vlsafe eval --model {model['ref']} --suite stages/suite/suite.yaml --out "
-                              f"stages/eval-{model_name}/eval --corpus stages/corpus/corpus"))
+                              f"stages/eval-{model_name}/eval --corpus stages/corpus/corpus "
+                              f"--batch-size {config.eval.batch_size} --dtype {config.eval.dtype}"))
     if config.analysis:
         _add_analysis(plan, config, corpus, aligned, first)
     return plan
@@ -352,9 +354,11 @@ def _add_analysis(plan: Plan, config: StudyConfig, corpus: str, aligned: str, se
                              "analysis)", "seed": seed, "method": builder}
         dag.add(Stage(f"eval-{name}", "eval", {"model": ref(name, "model"), "suite": ref("suite", "suite"),
                                                "corpus": corpus, "judges": config.eval.judges,
-                                               "batch_size": config.eval.batch_size},
+                                               "batch_size": config.eval.batch_size, "dtype": config.eval.dtype},
                       inputs=[name, "suite", "corpus"], cost_s=plan.dag.stages[f"eval-adapted-s{seed}"].cost_s,
-                      command=f"vlsafe eval --model stages/{name}/model --suite stages/suite/suite.yaml"))
+                      command=f"vlsafe eval --model stages/{name}/model --suite stages/suite/suite.yaml --out "
+                              f"stages/eval-{name}/eval --corpus stages/corpus/corpus "
+                              f"--batch-size {config.eval.batch_size} --dtype {config.eval.dtype}"))
 
 
 def _merge_config(method: str, adapted: str, partner: str, ancestor: str, weight: float, density: float,

@@ -190,7 +190,7 @@ def run_eval(ctx: Context, config: dict, folder: Path) -> dict:
 
     report = evaluate(ctx.resolve(config["model"]), ctx.resolve(config["suite"]), folder / "eval",
                       judges=config.get("judges"), corpus=ctx.resolve(config["corpus"]), cache_path=ctx.cache,
-                      batch_size=config["batch_size"], log=lambda m: None)
+                      batch_size=config["batch_size"], dtype=config["dtype"], log=lambda m: None)
     return {"eval": rel(ctx, folder / "eval"), "fingerprint": report["model"]["fingerprint"],
             "judges": report["judges"]}
 
