@@ -64,6 +64,26 @@ def test_paired_difference_per_benchmark_condition_and_metric(tmp_path):
     assert result["judge"] == "default" and result["items"]["matched"] == 70
     assert result["unpaired"] == ["harmbench/typo"]  # only A has it: left out, said so
     assert compare([a], [b])["rows"] == result["rows"]  # seeded bootstrap
+    # one run a side: how many items kept their verdict (ASR 22 of 40, over-refusal 20 of 20) and correctness (6/10)
+    agreed = result["agreement"]
+    assert (agreed["verdicts"]["same"], agreed["verdicts"]["n"]) == (42, 60) and agreed["correct"]["share"] == 0.6
+    assert agreed["responses"] == {"same": 0, "n": 0, "share": None}  # these samples carry no answers
+
+
+def test_agreement_counts_three_way_verdicts_and_identical_answers(tmp_path):
+    a = _run(tmp_path / "a", A_ASR, [], [], verdict_key=True)
+    b = _run(tmp_path / "b", A_ASR, [], [], verdict_key=True)
+    rows = [json.loads(line) for line in (b / "samples.jsonl").read_text().splitlines()]
+    rows[0]["verdicts"]["default"] = {"verdict": "non_answer", "refused": False}  # complied in A: another verdict
+    for i, row in enumerate(rows):
+        row["response"] = f"answer {i}" if i != 1 else "other words"
+    (b / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a_rows = [{**json.loads(line), "response": f"answer {i}"}
+              for i, line in enumerate((a / "samples.jsonl").read_text().splitlines())]
+    (a / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a_rows))
+    agreed = compare([a], [b])["agreement"]
+    assert (agreed["verdicts"]["same"], agreed["verdicts"]["n"]) == (39, 40)
+    assert (agreed["responses"]["same"], agreed["responses"]["n"]) == (39, 40) and agreed["correct"]["n"] == 0
 
 
 def test_several_seeds_report_the_seed_spread_beside_the_item_ci(tmp_path):
@@ -75,6 +95,7 @@ def test_several_seeds_report_the_seed_spread_beside_the_item_ci(tmp_path):
     asr = next(r for r in result["rows"] if r["metric"] == "attack_success_rate")
     assert result["seeds"] == {"a": 1, "b": 3} and asr["seeds"] == 3
     assert asr["per_seed"] == [0.15, 0.25, 0.35] and asr["seed_sd"] == pytest.approx(0.1)
+    assert result["agreement"] is None  # item agreement is between two runs, not two sides of seeds
     one = compare([a], [tmp_path / "b-seed1"])
     asr_one = next(r for r in one["rows"] if r["metric"] == "attack_success_rate")
     assert asr_one["seed_sd"] is None
@@ -119,3 +140,4 @@ def test_cli_prints_a_table_or_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "40 items" not in out and "48 items matched" in out
     assert "harmbench" in out and "B-A +0.250" in out and "p=" in out
+    assert "agreement: verdicts 26/44 (59.1%), correct 4/4 (100.0%), responses 0/0\n" in out

@@ -141,7 +141,8 @@ def eval_compare(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Paired differences B - A per benchmark, condition and metric over the items both runs have: bootstrap 95%
-    CI, McNemar p-value, and with several seeds per side their spread."""
+    CI, McNemar p-value, and with several seeds per side their spread; with one run a side, how many items got the
+    same verdict and the same answer (e.g. one model evaluated in fp32 and in bf16)."""
     from vlsafe.cli._app import echo_json
     from vlsafe.eval.compare import compare
 
@@ -162,3 +163,6 @@ def eval_compare(
                    f"p={r['p_value']:.3g}{spread}")
     if result["unpaired"]:
         typer.echo(f"not in every run (skipped): {', '.join(result['unpaired'])}")
+    if result["agreement"]:
+        typer.echo("agreement: " + ", ".join(f"{name} {v['same']}/{v['n']}" + (f" ({v['share']:.1%})" if v["n"] else "")
+                                             for name, v in result["agreement"].items()))

@@ -6,8 +6,10 @@ with a paired bootstrap interval and an exact McNemar p-value (`metrics.paired_d
 marginal intervals say little about such a difference; a paired one says what the items do.
 
 Either side may be several runs (training seeds of one recipe): outcomes become seeds x items, the interval
-resamples seeds as well as items, and the seed-to-seed spread of the difference goes beside it. A run's outcome
-per item comes from its samples.jsonl under one judge:
+resamples seeds as well as items, and the seed-to-seed spread of the difference goes beside it. With one run a side
+(one model under two precisions, batch sizes or engines), `agreement` says how many of the matched items got the
+same verdict (the judge's three-way verdict; for accuracy items, right or wrong) and the very same answer. A run's
+outcome per item comes from its samples.jsonl under one judge:
 
   attack_success_rate  harmful item answered: verdict `compliance` (or, for judges with refusal verdicts only,
                        not refused)
@@ -81,6 +83,30 @@ def _outcomes(row: dict, judge: str, where: str) -> dict[str, bool]:
     return out
 
 
+def _verdict(row: dict, judge: str):
+    """What one item was judged: right or wrong for accuracy items, else the judge's verdict (three-way where the
+    judge gives one, refused or not otherwise)."""
+    if row["metric"] == "accuracy":
+        return bool(row.get("correct"))
+    verdict = row["verdicts"][judge]
+    return verdict.get("verdict") or bool(verdict["refused"])
+
+
+def agreement(a: dict, b: dict, keys: list) -> dict:
+    """Of the matched items of two runs: how many got the same verdict (safety items) or the same correctness
+    (accuracy items), and how many the same answer, word for word."""
+    accuracy = [k for k in keys if "accuracy" in a[k][1]]
+    scored = [k for k in keys if "accuracy" not in a[k][1]]
+
+    def share(same: int, n: int) -> dict:
+        return {"same": same, "n": n, "share": same / n if n else None}
+
+    written = [k for k in keys if a[k][3] is not None and b[k][3] is not None]  # samples that carry the answer
+    return {"verdicts": share(sum(a[k][2] == b[k][2] for k in scored), len(scored)),
+            "correct": share(sum(a[k][2] == b[k][2] for k in accuracy), len(accuracy)),
+            "responses": share(sum(a[k][3] == b[k][3] for k in written), len(written))}
+
+
 def _side(runs: list[Path], judge: str | None) -> tuple[str, list[dict]]:
     """Per run: {(benchmark, condition, id): (prompt, {metric: outcome})}; the judge defaults to the first run's
     first judge."""
@@ -89,7 +115,8 @@ def _side(runs: list[Path], judge: str | None) -> tuple[str, list[dict]]:
         report, rows = _read(run)
         if judge is None:
             judge = (report.get("judges") or [{}])[0].get("name") or next(iter(rows[0]["verdicts"]), None)
-        tables.append({(r["benchmark"], r["condition"], r["id"]): (r.get("prompt"), _outcomes(r, judge, str(run)))
+        tables.append({(r["benchmark"], r["condition"], r["id"]): (r.get("prompt"), _outcomes(r, judge, str(run)),
+                                                                   _verdict(r, judge), r.get("response"))
                        for r in rows})
     return judge, tables
 
@@ -144,8 +171,10 @@ def compare(a_dirs: list, b_dirs: list, judge: str | None = None, seed: int = 0)
         rows.append({"benchmark": benchmark, "condition": condition, "metric": metric, "label": fact.label,
                      "higher_is_better": fact.higher_is_better, **result, "better": better})
     per_side = [len(t) for t in tables]
+    agreed = agreement(a_tables[0], b_tables[0], sorted(shared)) if len(tables) == 2 else None
     return {"a": [str(r) for r in a_runs], "b": [str(r) for r in b_runs], "judge": judge,
             "seeds": {"a": len(a_runs), "b": len(b_runs)}, "items": {"matched": len(shared), "per_run": per_side},
             "unpaired": unpaired,  # (benchmark/condition) cells that not every run has, e.g. image conditions of a VLM
             "ci": {"method": "paired bootstrap over seeds and items", "level": 0.95, "seed": seed},
+            "agreement": agreed,  # one run a side only: None with seeds
             "rows": rows}
