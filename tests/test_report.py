@@ -142,6 +142,7 @@ def test_readme_tables_are_generated_from_summaries_and_checked(tmp_path):
     assert main(["report", "--readme", str(page), "--results-dir", str(tmp_path / "results")]) == 0
     text = page.read_text()
     assert "| F1 | reproduced | +65 pts |" in text and text.endswith("rest\n")
+    assert summary["eval_dtypes"] == ["fp32"] and "seeds [0], evaluated in fp32; ran on" in text
     numbers = readme.numbers_in_tables(text)
     assert numbers and set(numbers) <= readme.summary_numbers(tmp_path / "results")
     # a hand-typed number in the block is caught

@@ -80,6 +80,7 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     # every evaluation generates in the profile's eval precision (fp32 unless asked), and its command says so
     evaluated = json.loads((out / "stages" / "eval-adapted-s0" / "eval" / "results.json").read_text())
     assert evaluated["decoding"]["dtype"] == "fp32" and "--dtype fp32" in lineage["eval-adapted-s0"]["command"]
+    assert results["eval_dtypes"] == ["fp32"]
     record = json.loads((out / "stages" / "stage2-s0" / "stage.json").read_text())
     assert {"key", "inputs", "config", "command", "seconds", "versions"} <= set(record)
     # every wall time names the machine that took it: one machine here, with every stage and their summed seconds

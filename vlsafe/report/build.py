@@ -320,6 +320,8 @@ def build_report(out: str | Path, summary_path: str | Path | None = None) -> dic
         "answers_from_cache": sorted(f"eval-{n}" for n, m in data["models"].items()
                                      if m["results"].get("cache", {}).get("generation_hits")
                                      and not m["results"]["cache"].get("generation_misses")),
+        # the precision the evaluations generated in (their decoding's dtype): greedy answers depend on it
+        "eval_dtypes": sorted({m["results"].get("decoding", {}).get("dtype", "fp32") for m in data["models"].values()}),
         "claims": claims,
         "models": (table := model_table(data)),
         "seed_spread": seed_spread(table),

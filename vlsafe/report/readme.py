@@ -30,6 +30,7 @@ def write_summary(results: dict, path: str | Path) -> dict:
         "complete": results["complete"], "seconds_by_stage": results["seconds_by_stage"],
         "machines": results.get("machines", []),
         "answers_from_cache": results.get("answers_from_cache", []),
+        "eval_dtypes": results.get("eval_dtypes", []),
         "claims": [{**{k: c.get(k) for k in ("id", "verdict", "estimate", "ci", "n", "seeds", "pairs", "per_seed",
                                              "seed_sd", "reason")},
                     **({"conditions": c["conditions"]} if c.get("conditions") else {})} for c in results["claims"]],
@@ -109,8 +110,11 @@ def tables(results_dir: str | Path) -> str:
         dirty = "-dirty" if rebuilt.endswith("-dirty") else ""
         rebuilt = f", claims by git {rebuilt[:12]}{dirty}" if rebuilt and rebuilt not in str(s["git"]) else ""
         ran = ran_on(s.get("machines"), s.get("answers_from_cache", ()))
+        evaluated = f"evaluated in {' and '.join(s['eval_dtypes'])}" if s.get("eval_dtypes") else \
+            "evaluation precision not recorded"
         parts.append(f"**{s['name']}** (`{path.name}`: git {commits(s['git'], short=True)}{rebuilt}, "
-                     f"config {s['config_file']}, judges {', '.join(s['judges'])}, seeds {s['seeds']}; ran on {ran})\n")
+                     f"config {s['config_file']}, judges {', '.join(s['judges'])}, seeds {s['seeds']}, {evaluated}; "
+                     f"ran on {ran})\n")
         for caveat in s.get("caveats") or []:  # a known fault of the run that made these numbers, said beside them
             parts.append(f"> **Caveat:** {caveat}\n")
         parts.append("| claim | verdict | estimate | 95% CI | items x seeds | seed sd |\n|---|---|---|---|---|---|")
