@@ -270,6 +270,7 @@ def test_bench_eval_reports_naive_batched_and_cached_side_by_side(capsys):
     assert main(["bench", "eval", "--model", "pico", "--n", "4", "--max-new-tokens", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["modes"]) == {"naive", "batched", "cached"} and report["n"] == 4
+    assert report["precision"] == "fp32"  # by default the bench measures what `vlsafe eval` runs
     assert report["modes"]["naive"]["seconds"] > 0 and report["modes"]["batched"]["seconds"] > 0
     assert report["modes"]["cached"]["seconds"] < report["modes"]["batched"]["seconds"]
 

@@ -98,7 +98,7 @@ def _parted(bundle, prompts, naive_ids: list[list[int]], batched: list[str]) -> 
 
 
 def run(model: str = "smollm2-135m-instruct", n: int = 32, max_new_tokens: int = 32, batch_size: int = 32,
-        threads: int | None = None, dtype: str = "auto", peak_size: int = 2048) -> dict:
+        threads: int | None = None, dtype: str = "fp32", peak_size: int = 2048) -> dict:
     import torch
 
     from vlsafe import precision as precisions

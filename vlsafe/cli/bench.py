@@ -78,7 +78,8 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
                batch_size: int = typer.Option(32, "--batch-size", min=1),
                threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                                      help="torch threads for both sides (default: torch's)."),
-               dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32 (every mode)."),
+               dtype: str = typer.Option("fp32", "--dtype", help="fp32 (what `vlsafe eval` runs by default) | bf16 "
+                                                                 "| auto (every mode)."),
                peak_size: int = typer.Option(2048, "--peak-size", min=16, help="matmul size of the peak measure."),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Generation throughput and MFU: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun,
