@@ -349,6 +349,13 @@ def test_label_only_head_gives_the_loss_of_the_full_head(work, monkeypatch):
             grads.append(bundle.model.get_output_embeddings().weight.grad.clone())
         assert torch.allclose(grads[0], grads[1], atol=1e-6)
         assert stages.takes_logits_to_keep(bundle.model)
+        # the head computes logits for the target tokens only, not for every row at every kept position
+        seen = []
+        hook = bundle.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: seen.append(tuple(output.shape)))
+        label_only_loss(bundle.model, batch, n)
+        hook.remove()
+        assert seen == [(int(n), bundle.model.get_output_embeddings().weight.shape[0])]
         with monkeypatch.context() as patch:  # an LM without logits_to_keep: sliced from the full head, same loss
             patch.setattr(stages, "takes_logits_to_keep", lambda model: False)
             assert float(label_only_loss(bundle.model, batch, n).detach()) == pytest.approx(float(full.detach()),

@@ -86,15 +86,36 @@ def takes_logits_to_keep(model) -> bool:
 
 
 def label_only_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
-    """The sum of the shifted cross-entropy over target tokens / num_items, with the LM head applied only at
-    `label_positions`: the loss (and gradient) of the full head, without its cost where no label is."""
+    """The sum of the shifted cross-entropy over target tokens / num_items, with the LM head applied only where a
+    target is: the loss (and gradient) of the full head, without its cost where no label is.
+
+    `label_positions` is one set of positions for the whole batch (what `logits_to_keep` takes), so rows of other
+    lengths bring positions of their own that are padding or prompt in the rest (2.3x the targets on stage-2
+    batches of 8); a pre-hook on the LM head then hands it only the (row, position) pairs that hold a target. The
+    hook runs inside the model's forward, so a sharded (FSDP) head is gathered as usual."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep = label_positions(batch["labels"])
-    logits = head_logits(model, {**inputs, "use_cache": False}, keep)
     targets = batch["labels"][:, 1:][:, keep]
-    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / num_items
+    head = _output_embeddings(model) if takes_logits_to_keep(model) else None
+    if head is None:
+        logits = head_logits(model, {**inputs, "use_cache": False}, keep)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+    kept = targets != IGNORE_INDEX
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][kept],) + tuple(args[1:]))
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (targets, vocabulary)
+    finally:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), targets[kept], reduction="sum") / num_items
+
+
+def _output_embeddings(model):
+    """The LM head module inside DDP's and PEFT's wrappers (and a VLM), or None."""
+    inner = plain_model(getattr(model, "module", model))
+    getter = getattr(inner, "get_output_embeddings", None)
+    head = getter() if getter else None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def _stages() -> dict[str, Stage]:
