@@ -127,6 +127,13 @@ def test_items_that_do_not_pair_are_refused(tmp_path, capsys):
     assert "results.json: not found" in capsys.readouterr().err
     assert main(["eval", "compare", str(a), str(a), "--judge", "llm"]) == 2
     assert "no verdict of judge 'llm'" in capsys.readouterr().err
+    broken = _run(tmp_path / "broken", A_ASR, [], [])
+    rows = (broken / "samples.jsonl").read_text().splitlines()
+    rows[3] = json.dumps({**json.loads(rows[3]), "verdicts": {"default": {"score": 0.5}}})
+    (broken / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["eval", "compare", str(a), str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "item 'h3': judge 'default' gave neither `verdict` nor `refused`" in err[0]
 
 
 def test_cli_prints_a_table_or_json(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_whole_dag_runs_on_pico_and_reports_every_model_and_claim(pico_study):
     assert ran["seconds"] == pytest.approx(sum(ran["by_kind"].values()), abs=0.05)
     from vlsafe.report.markdown import ran_on
 
-    assert f"Ran on: {ran_on(results['machines'])}." in (out / "report.md").read_text()
+    assert f"Ran on: {ran_on(results['machines'])}; evaluated in fp32." in (out / "report.md").read_text()
     assert ran_on([{"machine": "CPU", "stages": 4, "seconds": 2130.0,
                     "by_kind": {"train": 1200.0, "eval": 900.0, "corpus": 20.0, "merge": 10.0}}]) == \
         "CPU (4 stages, 35.5 min: train 20.0, eval 15.0, other 0.5)"
@@ -272,6 +272,14 @@ def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     assert main(["study", str(bad_layer), "--out", str(tmp_path / "d")]) == 2
     assert "tower_feature_layer: pico: feature layer 7 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    from vlsafe import precision
+
+    with pytest.MonkeyPatch.context() as patch:  # a CPU without bf16 instructions
+        patch.setattr(precision, "cpu_has_bf16", lambda: False)
+        bf16 = _config(tmp_path, "bf16", eval={"dtype": "bf16"})
+        assert main(["study", str(bf16), "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "eval.dtype: dtype bf16" in err[0] and not (tmp_path / "e").exists()
     dag = Dag()
     dag.add(Stage("a", "merge", {}, inputs=["b"]))
     dag.add(Stage("b", "merge", {}, inputs=["a"]))

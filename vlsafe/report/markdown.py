@@ -30,10 +30,9 @@ def ran_on(machines: list[dict] | None, from_cache: list[str] | tuple = ()) -> s
                      for m in machines) + cached
 
 
-def evaluated_in(results: dict) -> str:
-    """ "Evaluations generated in fp32." from the precisions a run's evaluations decoded in."""
-    found = results.get("eval_dtypes")
-    return f"Evaluations generated in {' and '.join(found)}." if found else "Evaluation precision not recorded."
+def evaluated_in(dtypes: list[str] | None) -> str:
+    """ "evaluated in fp32" from the precisions a run's evaluations generated in (results.json `eval_dtypes`)."""
+    return f"evaluated in {' and '.join(dtypes)}" if dtypes else "evaluation precision not recorded"
 
 
 def commits(git, short: bool = False) -> str:
@@ -169,7 +168,7 @@ def render(results: dict, plots: dict[str, Path], out: Path) -> str:
                    [[e["model"], e["benchmark"], e["condition"], e["request"][:80], e["response"][:120], e["verdict"]]
                     for e in results["examples"][:60]])
     ran = ran_on(results.get("machines"), results.get("answers_from_cache", ()))
-    lines += ["", "## Lineage", "", f"Ran on: {ran}. {evaluated_in(results)}", ""]
+    lines += ["", "## Lineage", "", f"Ran on: {ran}; {evaluated_in(results.get('eval_dtypes'))}.", ""]
     lines += table(["stage", "kind", "inputs", "key", "model sha256", "seconds", "command"],
                    [[r["stage"], r["kind"], ", ".join(r["inputs"]), r["key"], (r["model_sha256"] or "")[:16],
                      r["seconds"], r["command"]] for r in results["lineage"]])

@@ -65,7 +65,13 @@ def machine_scale(config: StudyConfig) -> tuple[float, str]:
 
 
 def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyConfig, Plan, list[Stage], Path]:
+    from vlsafe import precision
+
     config, source = load_study(config_path, profile)
+    try:  # an evaluation precision this machine cannot run fails now, not after hours of training
+        precision.resolve(config.eval.dtype, precision.device_type())
+    except VlsafeError as err:
+        raise VlsafeError(f"eval.dtype: {err}") from None
     plan = build_plan(config, str(source))
     ordered = plan.dag.assign_keys(_fingerprint_or_missing)
     factor, plan.cost_note = machine_scale(config)
