@@ -70,7 +70,8 @@ def render(results: dict, plots: dict[str, Path]) -> str:
         [[e["model"], e["benchmark"], e["condition"], e["request"][:100], e["response"][:200], e["verdict"]]
          for e in results["examples"][:80]]))
     ran = ran_on(results.get("machines"), results.get("answers_from_cache", ()))
-    parts.append(f"<h2>Lineage</h2><p>Ran on: {html.escape(ran)}; {html.escape(evaluated_in(results.get('eval_dtypes')))}.</p>" + _table(
+    ran += f"; {evaluated_in(results.get('eval_dtypes'))}"
+    parts.append(f"<h2>Lineage</h2><p>Ran on: {html.escape(ran)}.</p>" + _table(
         ["stage", "kind", "inputs", "key", "model sha256", "seconds", "command", "judges"],
         [[r["stage"], r["kind"], ", ".join(r["inputs"]), r["key"], (r["model_sha256"] or "")[:16], r["seconds"],
           r["command"], ", ".join(f"{j['name']} v{j['version']}" for j in r["judges"] or [])]
