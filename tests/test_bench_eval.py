@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from vlsafe import precision
 from vlsafe.bench.eval import _naive, _parted
 from vlsafe.cli import main
 from vlsafe.data.records import Prompt
@@ -174,6 +175,25 @@ def test_bench_eval_prints_a_table_with_the_cached_pass_utilising_nothing(capsys
     assert "3/3 answers identical" in out and "cached" in out
 
 
+def test_without_native_bf16_the_peak_times_fp32_only_and_mfu_is_taken_against_it(capsys, monkeypatch):
+    """Emulated bf16 runs at a few hundredths of fp32 (a 2048 matmul: minutes) and no run uses it there."""
+    from vlsafe.bench import limits
+
+    timed = []
+    measure = limits.matmul_peak
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(limits, "matmul_peak", lambda dtype, *a, **k: timed.append(dtype) or measure(dtype, *a, **k))
+    assert main(["bench", "eval", "--model", "pico", "--n", "2", "--max-new-tokens", "2", "--batch-size", "2",
+                 "--peak-size", "64"]) == 0
+    assert timed == [torch.float32]
+    assert "no native bf16: MFU against fp32" in " ".join(capsys.readouterr().out.split())  # the title wraps
+    peak = limits.peaks(64, 0.01)
+    assert peak["bf16_flops"] is None and limits.peak_flops(peak) == peak["fp32_flops"] > 0
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    peak = limits.peaks(64, 0.01)
+    assert peak["mfu_against"] == "bf16" and limits.peak_flops(peak) == peak["bf16_flops"] > 0
+
+
 def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     threads = torch.get_num_threads()
     assert main(["bench", "eval", "--model", "pico", "--n", "5", "--max-new-tokens", "3", "--batch-size", "2",
@@ -185,14 +205,16 @@ def test_bench_eval_reports_the_rerun_generating_nothing(capsys):
     assert [modes[m]["generated"] for m in ("naive", "batched", "cached")] == [5, 5, 0]
     assert modes["cached"]["new_tokens"] == modes["batched"]["new_tokens"]
     assert report["same_text_naive_vs_batched"] == 5 and report["parted"] == []
-    assert report["precision"] == "fp32" and report["peak"]["bf16_flops"] > 0
+    assert report["precision"] == "fp32" and report["peak"]["fp32_flops"] > 0
+    assert report["peak"]["mfu_against"] == ("bf16" if precision.cpu_has_bf16() else "fp32")
     naive, batched = modes["naive"]["tokens_per_s"], modes["batched"]["tokens_per_s"]
     assert report["ratio"] == (pytest.approx(batched / naive, rel=1e-2) if naive else None)
     assert modes["cached"]["mfu"] is None  # the cached pass computed nothing
-    for mode in (modes["naive"], modes["batched"]):  # MFU = new tokens/s x 2 x params / bf16 peak
+    peak = report["peak"][f"{report['peak']['mfu_against']}_flops"]
+    for mode in (modes["naive"], modes["batched"]):  # MFU = new tokens/s x 2 x params / bf16 (native) or fp32 peak
         assert mode["precision"] == "fp32"
-        assert mode["mfu"] == pytest.approx(mode["tokens_per_s"] * report["flops_per_token"]
-                                            / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)
+        assert mode["mfu"] == pytest.approx(mode["tokens_per_s"] * report["flops_per_token"] / peak, rel=1e-2,
+                                            abs=1e-4)
 
 
 def test_a_vlm_never_emits_its_image_placeholder(tmp_path):

@@ -232,6 +232,22 @@ def test_dry_run_prints_the_dag_and_names_every_missing_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_precision_is_made_concrete_in_each_training_stage(tmp_path, monkeypatch):
+    """A stage's key and train.yaml say what it computes: a stage trained in bf16 is not reused where fp32 runs."""
+    from vlsafe import precision
+    from vlsafe.study.run import prepare
+
+    config = _config(tmp_path, "auto", train={"defaults": {"dtype": "auto"}})
+    keys = {}
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native)
+        _, plan, ordered, _ = prepare(config, None)
+        trains = [s for s in ordered if s.kind == "train"]
+        assert trains and {s.config["train"]["dtype"] for s in trains} == {expected} and not plan.unrunnable
+        keys[expected] = {s.name: s.key for s in trains}
+    assert all(keys["bf16"][name] != keys["fp32"][name] for name in keys["fp32"])
+
+
 def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch):
     from vlsafe.bench import limits
     from vlsafe.study.run import prepare
@@ -280,6 +296,12 @@ def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
         assert main(["study", str(bf16), "--out", str(tmp_path / "e")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "eval.dtype: dtype bf16" in err[0] and not (tmp_path / "e").exists()
+        # a training precision too, dry run or not, and one line per stage that asks for it (not per seed)
+        bf16 = _config(tmp_path, "train-bf16", seeds=[0, 1], train={"defaults": {"dtype": "bf16"}})
+        assert main(["study", str(bf16), "--out", str(tmp_path / "f"), "--dry-run"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "cannot run here" in line]
+        assert any("train.stage1.dtype: dtype bf16" in line for line in err) and len(err) == len(set(err))
+        assert main(["study", str(bf16), "--out", str(tmp_path / "f")]) == 2 and not (tmp_path / "f").exists()
     dag = Dag()
     dag.add(Stage("a", "merge", {}, inputs=["b"]))
     dag.add(Stage("b", "merge", {}, inputs=["a"]))

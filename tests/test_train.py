@@ -118,7 +118,12 @@ def test_run_records_config_checkpoints_and_logs(work, adapted):
 @pytest.mark.parametrize("dtype, lora", [("fp32", None), ("bf16", None),
                                          # LoRA dropout draws from torch's generator: its state must resume too
                                          ("fp32", {"r": 4, "alpha": 8, "dropout": 0.3})])
-def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, dtype, lora):
+def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, request, dtype, lora):
+    from vlsafe import precision
+
+    native = pytest.MonkeyPatch()  # a patch of its own: the test undoes `monkeypatch` on the way
+    native.setattr(precision, "cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: pico is tiny
+    request.addfinalizer(native.undo)
     fields = dict(stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"), lr=3e-3, batch_size=2,
                   grad_accum=2, max_steps=6, save_every=3, warmup_ratio=0.2, dtype=dtype, lora=lora)
     dtype = dtype + ("-lora" if lora else "")

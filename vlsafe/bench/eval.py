@@ -18,8 +18,8 @@ over the prompt and the answer before it. A lead within the precision's rounding
 steps of 0.125 at a logit of 20) is a near-tie that rounding tipped; a large one would be a batching bug.
 
 Both sides generate in the same precision (`--dtype`, auto = bf16 where the hardware has it). The matmul peak
-(fp32, bf16) is measured in the same run; each mode reports MFU against the bf16 peak (limits.py), and `ratio`
-is batched over naive new tokens/s.
+(fp32, bf16) is measured in the same run; each mode reports MFU against the bf16 peak (fp32 where the hardware
+has no native bf16: limits.py), and `ratio` is batched over naive new tokens/s.
 
 On a CPU the naive side is bound by reading every weight once per token, the batched side by arithmetic: the
 ratio grows with the batch, the answer lengths and free memory bandwidth, and shrinks with prompt length (the
@@ -159,7 +159,7 @@ def _run(model: str, n: int, max_new_tokens: int, batch_size: int, precision: st
     report = {name: {"seconds": round(s, 6), "new_tokens": t, "tokens_per_s": round(t / max(s, 1e-9), 1),
                      "speedup": round(naive_seconds / max(s, 1e-9), 2), "generated": g, "precision": precision,
                      # a pass that read every answer from the cache computed nothing: no utilisation to report
-                     "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, peak["bf16_flops"]) if g else None}
+                     "mfu": limits.mfu(t / max(s, 1e-9), flops_per_token, limits.peak_flops(peak)) if g else None}
               for name, (s, t, g) in modes.items()}
     return {"bench": "eval", "model": model, "n": len(prompts), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,

@@ -1,7 +1,7 @@
 """The machine's limit, measured in the same run as the benchmark it judges: matmul peak and model FLOPs.
 
-MFU (model FLOP utilisation) = tokens/s x model FLOPs per token / the measured bf16 matmul peak, the convention of
-the PaLM paper: model FLOPs are what the model mathematically needs, whatever the implementation skips or redoes,
+MFU (model FLOP utilisation) = tokens/s x model FLOPs per token / the measured bf16 matmul peak (the fp32 peak on
+hardware without native bf16, whose fastest precision that is: `peak_flops`), the convention of the PaLM paper: model FLOPs are what the model mathematically needs, whatever the implementation skips or redoes,
 so MFU compares implementations fairly. FLOPs per token count the language model's matrices (every parameter
 but the input embedding table, the LM head included) and leave out attention's own T^2 term and the vision
 tower: at the lengths benchmarked here that understates the work by a few percent, so MFU is a lower bound.
@@ -35,9 +35,31 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, devi
 
 
 def peaks(size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict:
-    """{"fp32_flops": ..., "bf16_flops": ...}: both measured now, on this machine, with its current threads."""
+    """{"fp32_flops", "bf16_flops", "mfu_against"}: measured now, on this machine, with its current threads.
+
+    bf16 is timed only where the hardware runs it natively: a CPU without avx512_bf16 / amx_bf16 emulates it at a
+    few hundredths of its fp32 speed (0.14 against 46 GFLOP/s on an AVX2 EPYC: one 2048 matmul takes two minutes),
+    no vlsafe run uses it there (`vlsafe.precision.resolve` refuses), and fp32 is that machine's limit; there
+    `bf16_flops` is None and MFU is taken against the fp32 peak (`mfu_against`)."""
+    from vlsafe import precision
+
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else precision.cpu_has_bf16()
     return {"matmul_size": size, "fp32_flops": round(matmul_peak(torch.float32, size, seconds, device)),
-            "bf16_flops": round(matmul_peak(torch.bfloat16, size, seconds, device))}
+            "bf16_flops": round(matmul_peak(torch.bfloat16, size, seconds, device)) if native else None,
+            "mfu_against": "bf16" if native else "fp32"}
+
+
+def peak_flops(peak: dict) -> float:
+    """The peak MFU divides by: bf16 where the hardware has it natively, fp32 elsewhere (`peaks`)."""
+    return peak[f"{peak['mfu_against']}_flops"]
+
+
+def describe(peak: dict) -> str:
+    """"peak 134 GFLOP/s fp32, 419 bf16" or "peak 46 GFLOP/s fp32 (no native bf16: MFU against fp32)"."""
+    fp32 = f"peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s fp32"
+    if peak["bf16_flops"] is None:
+        return f"{fp32} (no native bf16: MFU against fp32)"
+    return f"{fp32}, {peak['bf16_flops'] / 1e9:.0f} bf16"
 
 
 def model_params(model) -> int:

@@ -5,7 +5,8 @@ Both train the same VLM (VLM@0 of the chosen LLM and tower) on the same batches 
 conversations (the engine's length-grouped batch plan, fed to the Trainer in order), in the same precision, with
 the same learning rate and step count, one after the other in this process. Throughput is input tokens
 (non-padding) per second over the steps after the first (which pays one-off costs). The matmul peak (fp32 and
-bf16) is measured in the same run, and MFU is reported against the bf16 peak (see limits.py).
+bf16) is measured in the same run, and MFU is reported against the bf16 peak (fp32 where the hardware has no
+native bf16; see limits.py).
 
     vlsafe bench train --llm smollm2-135m-instruct --tower efficientnet-lite0 --steps 4 --json
 """
@@ -133,7 +134,7 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
         config = _config(root / "vlm0", data, root / "ours", steps, batch_size, lr, max_length, precision)
         sides = {"vlsafe": run_vlsafe(config), "transformers_trainer": run_trainer(config, root / "trainer")}
     for side in sides.values():
-        side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, peak["bf16_flops"])}
+        side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
     return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
             "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
             "precision": precision,

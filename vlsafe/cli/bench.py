@@ -46,6 +46,7 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Stage-2 tokens/s and MFU: vlsafe's engine vs a plain transformers.Trainer, same model, batches and
     precision, against the matmul peak measured in the same run."""
+    from vlsafe.bench.limits import describe
     from vlsafe.bench.train import run as run_bench
 
     report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length, dtype=dtype,
@@ -54,9 +55,8 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
         echo_json(report)
     else:
         ours, base = report["vlsafe"], report["transformers_trainer"]
-        peak = report["peak"]
         print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps, {report['precision']}; "
-                    f"peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16_flops'] / 1e9:.0f} bf16",
+                    f"{describe(report['peak'])}",
                      ["side", "tokens/s", "MFU", "tokens", "seconds", "final loss"],
                      [["vlsafe", ours["tokens_per_s"], f"{ours['mfu']:.1%}", ours["tokens"], ours["seconds"],
                        ours["final_loss"]],
@@ -85,6 +85,7 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
     """Generation throughput and MFU: naive one-prompt-at-a-time vs vlsafe's batched engine vs a cache rerun,
     in the same precision, against the matmul peak measured in the same run."""
     from vlsafe.bench.eval import run as run_bench
+    from vlsafe.bench.limits import describe
 
     report = run_bench(model, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads,
                        dtype=dtype, peak_size=peak_size)
@@ -94,7 +95,7 @@ def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
         print_table(f"generation: {report['model']} ({report['n']} prompts, <= {max_new_tokens} new tokens, batch "
                     f"{batch_size}, {report['threads']} threads, {report['precision']}; "
                     f"{report['same_text_naive_vs_batched']}/{report['n']} answers identical{_parted(report)}; "
-                    f"bf16 peak {report['peak']['bf16_flops'] / 1e9:.0f} GFLOP/s)",
+                    f"{describe(report['peak'])})",
                      ["mode", "seconds", "new tokens/s", "MFU", "speed-up", "generated"],
                      [[m, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}",
                        "-" if r["mfu"] is None else f"{r['mfu']:.2%}",  # the cached pass computed nothing

@@ -34,6 +34,7 @@ class Plan:
     dag: Dag
     models: dict[str, dict] = field(default_factory=dict)  # model name -> {stage, ref, role, seed, step, ...}
     missing: list[str] = field(default_factory=list)  # one line per input that is not there
+    unrunnable: list[str] = field(default_factory=list)  # one line per precision this machine cannot run
     suite: dict = field(default_factory=dict)
     cost_note: str = ""  # how the estimates were scaled to this machine (vlsafe/study/run.py machine_scale)
 
@@ -80,6 +81,19 @@ def _train_settings(config: StudyConfig, arm: str, where: str) -> dict:
     if accelerate is not None and not Path(accelerate).is_file():
         raise VlsafeError(f"{where}: train.{arm}.accelerate: {accelerate}: accelerate config not found")
     return settings
+
+
+def _precision(name: str) -> tuple[str, str | None]:
+    """(the precision a training stage runs in on this machine, None) or (name, why it cannot run here).
+
+    `auto` is made concrete here, so a stage's key and its train.yaml say what it computes: bf16 on hardware with
+    native bf16, fp32 elsewhere (a stage trained in bf16 is not reused by a study that would train in fp32)."""
+    from vlsafe import precision
+
+    try:
+        return precision.resolve(name, precision.device_type()), None
+    except VlsafeError as err:
+        return name, str(err)
 
 
 def suite_for(config: StudyConfig, where: str) -> tuple[str, dict]:
@@ -159,7 +173,11 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
     def add_train(name: str, arm: str, model_ref: str, data: list[dict], seed: int, inputs: list[str],
                   records: int) -> Stage:
         settings = _train_settings(config, arm, where)
-        train = {"stage": TRAIN_STAGE[arm], "model": model_ref, "data": data, **settings, "seed": seed}
+        dtype, problem = _precision(settings.get("dtype", "auto"))
+        if problem and f"train.{arm}.dtype: {problem}" not in plan.unrunnable:
+            plan.unrunnable.append(f"train.{arm}.dtype: {problem}")
+        train = {"stage": TRAIN_STAGE[arm], "model": model_ref, "data": data, **settings, "dtype": dtype,
+                 "seed": seed}
         files = [d["path"] for d in data if not d["path"].startswith("@")]
         return dag.add(Stage(name, "train", {"train": train}, inputs=inputs, files=files,
                              models=[] if model_ref.startswith("@") else model_specs(model_ref),

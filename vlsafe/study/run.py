@@ -68,16 +68,21 @@ def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyC
     from vlsafe import precision
 
     config, source = load_study(config_path, profile)
-    try:  # an evaluation precision this machine cannot run fails now, not after hours of training
+    plan = build_plan(config, str(source))
+    try:  # a precision this machine cannot run fails before any work, not after hours of training
         precision.resolve(config.eval.dtype, precision.device_type())
     except VlsafeError as err:
-        raise VlsafeError(f"eval.dtype: {err}") from None
-    plan = build_plan(config, str(source))
+        plan.unrunnable.append(f"eval.dtype: {err}")
     ordered = plan.dag.assign_keys(_fingerprint_or_missing)
     factor, plan.cost_note = machine_scale(config)
     for stage in ordered:
         stage.cost_s *= factor
     return config, plan, ordered, source
+
+
+def _problems(plan: Plan) -> list[str]:
+    return [f"missing input: {line}" for line in plan.missing] + [f"cannot run here: {line}"
+                                                                   for line in plan.unrunnable]
 
 
 def run_study(config_path: str | Path | None = None, profile: str | None = None, out: str | Path = "runs/study",
@@ -95,11 +100,11 @@ def run_study(config_path: str | Path | None = None, profile: str | None = None,
     if dry_run:
         log(f"study {config.name!r} from {source}: {len(ordered)} stages")
         log(describe(plan, ordered, out if out.is_dir() else None))
-        if plan.missing:
-            raise VlsafeError.lines([f"missing input: {line}" for line in plan.missing])
+        if plan.missing or plan.unrunnable:
+            raise VlsafeError.lines(_problems(plan))
         return {"stages": [s.name for s in ordered], "estimated_seconds": sum(s.cost_s for s in ordered)}
-    if plan.missing:
-        raise VlsafeError.lines([f"missing input: {line}" for line in plan.missing])
+    if plan.missing or plan.unrunnable:
+        raise VlsafeError.lines(_problems(plan))
     with Lock(out):
         (out / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         write_json(out / "plan.json", {"config": str(source), "stages": [
