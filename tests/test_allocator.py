@@ -13,9 +13,11 @@ PROBE = textwrap.dedent("""
     from vlsafe import allocator
     applied = allocator.tune("cpu") if sys.argv[1] == "tune" else "untouched"
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(11520, 576), torch.randn(576, 1536), torch.randn(1536, 576)
+    # a feed-forward block's allocations (11520 tokens x 1536: 70 MB activations, above glibc's largest mmap
+    # threshold) at a narrow model width, so the probe costs allocations rather than matmul time
+    x, w1, w2 = torch.randn(11520, 64), torch.randn(64, 1536), torch.randn(1536, 64)
 
-    def mlp(x):  # a feed-forward block's allocations: 70 MB activations, above glibc's largest mmap threshold
+    def mlp(x):
         return (torch.nn.functional.silu(x @ w1) * (x @ w1)) @ w2 + x
 
     for _ in range(8):  # the heap grows to its working size
