@@ -1,8 +1,9 @@
 """The machine's limit, measured in the same run as the benchmark it judges: matmul peak and model FLOPs.
 
 MFU (model FLOP utilisation) = tokens/s x model FLOPs per token / the measured bf16 matmul peak (the fp32 peak on
-hardware without native bf16, whose fastest precision that is: `peak_flops`), the convention of the PaLM paper: model FLOPs are what the model mathematically needs, whatever the implementation skips or redoes,
-so MFU compares implementations fairly. FLOPs per token count the language model's matrices (every parameter
+hardware without native bf16, whose fastest precision that is: `peak_flops`), the convention of the PaLM paper:
+model FLOPs are what the model mathematically needs, whatever the implementation skips or redoes, so MFU compares
+implementations fairly. FLOPs per token count the language model's matrices (every parameter
 but the input embedding table, the LM head included) and leave out attention's own T^2 term and the vision
 tower: at the lengths benchmarked here that understates the work by a few percent, so MFU is a lower bound.
 

@@ -134,7 +134,8 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
         config = _config(root / "vlm0", data, root / "ours", steps, batch_size, lr, max_length, precision)
         sides = {"vlsafe": run_vlsafe(config), "transformers_trainer": run_trainer(config, root / "trainer")}
     for side in sides.values():
-        side |= {"precision": precision, "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
+        side |= {"precision": precision,
+                 "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
     return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
             "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
             "precision": precision,
