@@ -62,6 +62,11 @@ def run_trainer(config, out: Path) -> dict:
     fmt = bundle.formatter(max_length=config.max_length)
     for name, param in bundle.model.named_parameters():  # stage 2 trains projector + LM, as the engine does
         param.requires_grad = not name.startswith("vision_tower.")
+    # the frozen tower stays in eval mode, as the engine keeps it: the Trainer's model.train() at every step would
+    # put its BatchNorm layers (EfficientNet's) on batch statistics and update their running stats, another function
+    tower = bundle.model.vision_tower
+    tower.eval()
+    tower.train = lambda mode=True: tower
     records, _ = load_data(config, stages.get_stage(config.stage))
     image_tokens = bundle.model.config.num_image_tokens
     plan = BatchPlan(len(records), config.batch_size, 1, 1, config.seed,
