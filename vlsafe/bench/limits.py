@@ -44,7 +44,7 @@ def peaks(size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict:
     `bf16_flops` is None and MFU is taken against the fp32 peak (`mfu_against`)."""
     from vlsafe import precision
 
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else precision.cpu_has_bf16()
+    native = precision.resolve("auto", device) == "bf16"
     return {"matmul_size": size, "fp32_flops": round(matmul_peak(torch.float32, size, seconds, device)),
             "bf16_flops": round(matmul_peak(torch.bfloat16, size, seconds, device)) if native else None,
             "mfu_against": "bf16" if native else "fp32"}
