@@ -12,9 +12,16 @@ from vlsafe.cli import main
 def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, dtype):
     from vlsafe import precision
 
+    from vlsafe.model import checkpoint
+
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    loaded, load = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--steps", "3", "--batch-size", "2",
                  "--dtype", dtype, "--peak-size", "128", "--json"]) == 0
+    # both sides keep the frozen tower in eval mode (a BatchNorm tower in train mode computes another function)
+    towers = [b.model.vision_tower for b in loaded if hasattr(b.model, "vision_tower")]
+    assert len(towers) >= 2 and not any(t.training for t in towers)
     report = json.loads(capsys.readouterr().out)
     ours, base = report["vlsafe"], report["transformers_trainer"]
     assert ours["steps_timed"] == base["steps_timed"] == 2
