@@ -258,7 +258,37 @@ def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch)
     _, plan, scaled, _ = prepare(_config(tmp_path, "scaled", cost={"reference_bf16_flops": 2e11}), None)
     assert [s.name for s in scaled] == [s.name for s in plain] and [s.key for s in scaled] == [s.key for s in plain]
     assert all(b.cost_s == pytest.approx(2 * a.cost_s) for a, b in zip(plain, scaled))
-    assert "scaled x2.00 to this machine" in plan.cost_note and "100 GFLOP/s against the profile's 200" in plan.cost_note
+    assert "scaled x2.00 to this machine" in plan.cost_note
+    assert "100 GFLOP/s against the profile's bf16 reference 200" in plan.cost_note
+
+
+def test_a_cpu_without_native_bf16_is_estimated_from_the_profiles_fp32_constants(tmp_path, monkeypatch):
+    """Where training runs in fp32, the estimate takes the constants measured on such a CPU and scales them by
+    fp32 peaks; a CPU with native bf16 keeps the bf16 constants and peaks. Neither changes a stage's key."""
+    from vlsafe import precision
+    from vlsafe.bench import limits
+    from vlsafe.study.run import prepare
+
+    import torch
+
+    peaks = {torch.float32: 5e10, torch.bfloat16: 4e11}
+    monkeypatch.setattr(limits, "matmul_peak", lambda dtype, size, seconds, device="cpu": peaks[dtype])
+    fp32 = {"train_token_s": 4e-5, "projector_token_s": 3e-5, "generate_token_s": 5e-3, "reference_fp32_flops": 1e11}
+    config = _config(tmp_path, "costs", cost={"reference_bf16_flops": 8e11, "fixed_s": 0.0, "fp32": fp32})
+    estimates = {}
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native)
+        _, plan, ordered, _ = prepare(config, None)
+        estimates[native] = {s.name: s.cost_s for s in ordered}
+        assert "scaled x2.00 to this machine" in plan.cost_note
+        assert ("fp32 matmul 50 GFLOP/s against the profile's fp32 reference 100" if not native else
+                "bf16 matmul 400 GFLOP/s against the profile's bf16 reference 800") in plan.cost_note
+    bf16, fp32_run = estimates[True], estimates[False]
+    # pico's constants: train 1e-5, projector 1e-5, generate 1e-3 (each x2 by its peak ratio on both machines)
+    assert fp32_run["align"] == pytest.approx(4 * bf16["align"])
+    assert fp32_run["stage1"] == pytest.approx(3 * bf16["stage1"])
+    assert fp32_run["eval-aligned"] == pytest.approx(5 * bf16["eval-aligned"]) and bf16["eval-aligned"] > 0
+    assert fp32_run["merge-linear-aligned-0.5-s0"] == bf16["merge-linear-aligned-0.5-s0"]
 
 
 def test_the_eta_follows_measured_time_without_one_short_stage_rescaling_the_rest():

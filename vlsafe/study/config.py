@@ -81,6 +81,14 @@ class EvalSpec(Strict):
     dtype: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
+class Fp32Rates(Strict):
+    """The per-token constants measured on a CPU without native bf16, where every stage runs in fp32."""
+    train_token_s: float = Field(gt=0)
+    projector_token_s: float = Field(gt=0)
+    generate_token_s: float = Field(gt=0)
+    reference_fp32_flops: float = Field(gt=0)  # that CPU's fp32 matmul peak (`vlsafe bench`'s 2048 x 2048)
+
+
 class CostModel(Strict):
     """Per-unit constants of the dry run's estimate (measured on the profile's machine; see vlsafe/study/dag.py)."""
     train_token_s: float = 2e-4  # seconds per training token (forward + backward + step), full fine-tune
@@ -94,6 +102,18 @@ class CostModel(Strict):
     # when set, every estimate is scaled by it over this machine's peak (in the precision the study will use), so
     # a CPU half as fast gets an ETA twice as long; None: the constants as they are
     reference_bf16_flops: float | None = None
+    # the same constants measured on a CPU without native bf16 (training in fp32 there, as evaluation is on both),
+    # with that CPU's fp32 peak: such a machine's estimate uses these, scaled by fp32 peaks; None: the constants
+    # above, scaled by the bf16 reference over this machine's fp32 peak (which overstated such a CPU about 5x)
+    fp32: Fp32Rates | None = None
+
+    def on_machine(self, precision: str) -> tuple[CostModel, float | None, str]:
+        """(the constants, their reference peak, its precision) for a machine whose training precision is
+        `precision` (vlsafe.precision.resolve("auto", ...))."""
+        if precision == "fp32" and self.fp32 is not None:
+            rates = self.fp32.model_dump(exclude={"reference_fp32_flops"})
+            return self.model_copy(update=rates), self.fp32.reference_fp32_flops, "fp32"
+        return self, self.reference_bf16_flops, "bf16"
 
 
 class StudyConfig(Strict):

@@ -12,6 +12,8 @@ on the machine the profile targets):
   training    steps x batch_size x tokens_per_example x train_token_s (projector_token_s for stage 1)
   generation  items x max_new_tokens x generate_token_s
   merge       merge_s;  corpus  images x image_s;  every stage  + fixed_s
+A CPU without native bf16 trains in fp32 and takes the `cost.fp32` constants where the profile has them; every
+estimate is then scaled by the constants' reference matmul peak over this machine's (vlsafe/study/run.py).
 """
 
 from __future__ import annotations

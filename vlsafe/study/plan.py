@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlsafe.errors import VlsafeError
-from vlsafe.study.config import StudyConfig
+from vlsafe.study.config import CostModel, StudyConfig
 from vlsafe.study.dag import Dag, Stage
 from vlsafe.study.stages import ref
 
@@ -118,8 +118,16 @@ def suite_for(config: StudyConfig, where: str) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------- costs
+def machine_costs(config: StudyConfig) -> tuple[CostModel, float | None, str]:
+    """The cost constants for this machine (its training precision picks the set), their reference peak and the
+    precision that peak is measured in."""
+    from vlsafe import precision
+
+    return config.cost.on_machine(precision.resolve("auto", precision.device_type()))
+
+
 def _train_cost(config: StudyConfig, settings: dict, arm: str, records: int) -> float:
-    c = config.cost
+    c = machine_costs(config)[0]
     steps = settings.get("max_steps") or settings.get("epochs", 1) * max(1, records // settings["batch_size"])
     per_token = c.projector_token_s if arm == "stage1" else c.train_token_s
     factor = 2.5 if arm == "dpo" else 1.0  # chosen + rejected, plus the reference pass before step 1
@@ -142,7 +150,7 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
     """Every stage with its config, inputs and estimated cost; `missing` lists the inputs that are not here."""
     dag = Dag()
     plan = Plan(dag)
-    c = config.cost
+    c = machine_costs(config)[0]
     seeds = config.seeds
     first = seeds[0]
     from vlsafe.model.towers import check_builtin_layer
@@ -339,7 +347,7 @@ def build_plan(config: StudyConfig, where: str = "study") -> Plan:
 
 def _add_analysis(plan: Plan, config: StudyConfig, corpus: str, aligned: str, seed: int) -> None:
     """The layer analysis of the first seed's models, the merges it proposes, and their evaluations."""
-    dag, c = plan.dag, config.cost
+    dag, c = plan.dag, machine_costs(config)[0]
     chain = [("vlm1", "vlm1"), ("adapted", f"adapted-s{seed}"), ("sft", f"safety_sft-s{seed}"),
              ("dpo", f"dpo-s{seed}")]
     chain = [(short, name) for short, name in chain if name in plan.models]

@@ -46,22 +46,24 @@ def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
 
 
 def machine_scale(config: StudyConfig) -> tuple[float, str]:
-    """(factor, note): the profile's reference matmul peak over this machine's, in the precision the study trains
-    in (bf16 where the CPU has it, else fp32); (1.0, "") without a reference or on a GPU, whose speed the profile's
-    constants do not describe."""
+    """(factor, note): the reference matmul peak of this machine's cost constants (plan.machine_costs: the bf16
+    set, or the fp32 set on a CPU without native bf16) over this machine's peak in the same precision; (1.0, "")
+    without a reference or on a GPU, whose speed the profile's constants do not describe."""
     import torch
 
-    reference = config.cost.reference_bf16_flops
+    from vlsafe.study.plan import machine_costs
+
+    _, reference, measured_in = machine_costs(config)
     if reference is None or torch.cuda.is_available():
         return 1.0, ""
     from vlsafe.bench.limits import matmul_peak
     from vlsafe.precision import resolve, torch_dtype
 
-    name = resolve("auto", "cpu")
+    name = resolve("auto", "cpu")  # the bf16 set on a CPU without native bf16 (no fp32 set): its fp32 peak
     peak = matmul_peak(torch_dtype(name), 2048, 2.0)  # best of several: one 2048 fp32 matmul takes 0.2-0.4 s
     factor = reference / peak
     return factor, (f"scaled x{factor:.2f} to this machine: {name} matmul {peak / 1e9:.0f} GFLOP/s against the "
-                    f"profile's {reference / 1e9:.0f}")
+                    f"profile's {measured_in} reference {reference / 1e9:.0f}")
 
 
 def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyConfig, Plan, list[Stage], Path]:
