@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+SEEDS = [int(s) for s in os.environ.get("VLSAFE_KILL_SEEDS", "0").split(",")]  # one campaign per seed
 # keys whose values differ between two runs of the same work (wall time, date, where the run lived)
 VOLATILE = {"date", "seconds", "git", "cache", "versions", "elapsed", "time", "timestamp", "created", "path", "out",
             "machine"}

@@ -82,8 +82,10 @@ def check_schema(obj: dict, sections: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ weights
 def test_only_the_changed_layers_are_found_to_differ(tmp_path):
-    base = random_tensors(0)
-    changed = {k: v + (0.1 * torch.randn_like(v) if layer_of(k) in (2, 3) else 0) for k, v in base.items()}
+    base, noise = random_tensors(0), random_tensors(1)
+    # layers 2 and 3 move by exactly 10% of each tensor's norm (a random direction, seeded)
+    changed = {k: v + (0.1 * v.norm() / noise[k].norm() * noise[k] if layer_of(k) in (2, 3) else 0)
+               for k, v in base.items()}
     a, b = save_llama(tmp_path / "a", base), save_llama(tmp_path / "b", changed)
     assert main(["analyze", "weights", "--base", str(a), "--models", str(b), "--out", str(tmp_path / "an")]) == 0
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())

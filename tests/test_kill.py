@@ -2,8 +2,9 @@
 seeded random moments and rerun; the end result equals an uninterrupted run and no output looks complete before it
 is.
 
-`make test` delivers a few kills per command (one for the study, the slowest); `make test-long` sets VLSAFE_KILLS
-and VLSAFE_KILL_SEEDS for a longer campaign. The harness is tests/killharness.py; a new command is one more KillCase below.
+`make test` delivers a few kills per command; `make test-long` sets VLSAFE_KILLS and VLSAFE_KILL_SEEDS for a longer
+campaign. The harness is tests/killharness.py; a new command is one more KillCase below. The study's campaign is in
+tests/test_study.py, beside the other tests that read its pico reference run (one file runs on one test worker).
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from killharness import (PICO_STUDY, KillCase, campaign, same_files, same_json, study_case,
-                         study_reference)
+from killharness import SEEDS, KillCase, campaign, same_files, same_json
 from vlsafe.cli import main
 from vlsafe.io import verify_model_dir
 
 KILLS = int(os.environ.get("VLSAFE_KILLS", "2"))
-SEEDS = [int(s) for s in os.environ.get("VLSAFE_KILL_SEEDS", "0").split(",")]
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +103,3 @@ def test_killed_runs_finish_with_the_results_of_an_uninterrupted_run(command, wo
         total += result.kills
     assert total >= 1, f"{command}: every run finished before its kill time; nothing was tested"
     print(f"{command}: {total} SIGKILLs survived over seeds {SEEDS}")
-
-
-def test_a_killed_study_finishes_with_the_results_of_an_uninterrupted_run(tmp_path_factory, tmp_path):
-    """`vlsafe study --profile pico` SIGKILLed at seeded random moments (any stage: training, evaluation, merge,
-    the report), rerun each time in the same folder: every stage that looks finished after a kill equals the
-    reference's, and the finished run equals an uninterrupted one (what is compared: killharness.same_study).
-    One kill by default (the reference run is shared with tests/test_study.py); VLSAFE_KILLS under test-long."""
-    reference = study_reference(tmp_path_factory, PICO_STUDY)
-    case = study_case(PICO_STUDY)
-    kills = int(os.environ.get("VLSAFE_KILLS", "1"))
-    runs = [campaign(case, tmp_path, kills, seed, reference) for seed in SEEDS]
-    total, landed = sum(r.kills for r in runs), [stage for r in runs for stage in r.landed]
-    assert total >= 1, "study: every run finished before its kill time; nothing was tested"
-    if total >= 4:  # a longer campaign reaches more than one stage (kills resume at later and later stages)
-        assert len(set(landed)) >= 2, landed
-    print(f"study: {total} SIGKILLs survived over seeds {SEEDS}, in {landed}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from killharness import study_reference
+from killharness import PICO_STUDY, SEEDS, campaign, study_case, study_reference
 from vlsafe.cli import main
 from vlsafe.errors import VlsafeError
 from vlsafe.study import claims
@@ -547,3 +547,18 @@ def test_a_tower_feature_layer_rekeys_the_vlm_and_what_it_feeds_and_an_unset_one
     changed = {n for n in plain if plain[n][0] != layered[n][0]}
     assert {"vlm0", "stage1", "stage2-s0", "eval-adapted-s0"} <= changed
     assert "align" not in changed and "corpus" not in changed
+
+def test_a_killed_study_finishes_with_the_results_of_an_uninterrupted_run(tmp_path_factory, tmp_path):
+    """`vlsafe study --profile pico` SIGKILLed at seeded random moments (any stage: training, evaluation, merge,
+    the report), rerun each time in the same folder: every stage that looks finished after a kill equals the
+    reference's, and the finished run equals an uninterrupted one (what is compared: killharness.same_study).
+    One kill by default (against this module's pico reference run); VLSAFE_KILLS under test-long."""
+    reference = study_reference(tmp_path_factory, PICO_STUDY)
+    case = study_case(PICO_STUDY)
+    kills = int(os.environ.get("VLSAFE_KILLS", "1"))
+    runs = [campaign(case, tmp_path, kills, seed, reference) for seed in SEEDS]
+    total, landed = sum(r.kills for r in runs), [stage for r in runs for stage in r.landed]
+    assert total >= 1, "study: every run finished before its kill time; nothing was tested"
+    if total >= 4:  # a longer campaign reaches more than one stage (kills resume at later and later stages)
+        assert len(set(landed)) >= 2, landed
+    print(f"study: {total} SIGKILLs survived over seeds {SEEDS}, in {landed}")
