@@ -562,3 +562,22 @@ def test_a_killed_study_finishes_with_the_results_of_an_uninterrupted_run(tmp_pa
     if total >= 4:  # a longer campaign reaches more than one stage (kills resume at later and later stages)
         assert len(set(landed)) >= 2, landed
     print(f"study: {total} SIGKILLs survived over seeds {SEEDS}, in {landed}")
+
+
+def test_transformers_bars_are_off_during_the_study_and_the_hubs_download_bars_are_left_alone(capsys):
+    """The study's display is the only one: transformers' per-model bars ("Loading weights", "Writing model shards")
+    are silent inside it and back after it; the hub's download bars keep their setting."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from vlsafe.study.progress import quiet_transformers
+
+    hf_logging.enable_progress_bar()
+    with quiet_transformers():
+        for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+        assert not hub.are_progress_bars_disabled()
+    assert "Loading weights" not in capsys.readouterr().err
+    for _ in hf_logging.tqdm(range(3), desc="Writing model shards"):
+        pass
+    assert "Writing model shards" in capsys.readouterr().err and not hub.are_progress_bars_disabled()

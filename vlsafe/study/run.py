@@ -94,7 +94,7 @@ def run_study(config_path: str | Path | None = None, profile: str | None = None,
     import yaml
 
     from vlsafe.io import write_json
-    from vlsafe.study.progress import StudyProgress
+    from vlsafe.study.progress import StudyProgress, quiet_transformers
     from vlsafe.study.stages import Context, runner
 
     out = Path(out)
@@ -116,17 +116,18 @@ def run_study(config_path: str | Path | None = None, profile: str | None = None,
         ctx = Context(out, log=log, show_progress=show_progress)
         progress = StudyProgress(ordered, quiet=not show_progress)
         skipped = 0
-        for stage in ordered:
-            record = finished(out, stage)
-            if record is not None:
+        with quiet_transformers():
+            for stage in ordered:
+                record = finished(out, stage)
+                if record is not None:
+                    ctx.records[stage.name] = record
+                    progress.skip(stage)
+                    skipped += 1
+                    continue
+                progress.start(stage)
+                record = run_stage(out, stage, runner(ctx, stage.kind, stage.config))
                 ctx.records[stage.name] = record
-                progress.skip(stage)
-                skipped += 1
-                continue
-            progress.start(stage)
-            record = run_stage(out, stage, runner(ctx, stage.kind, stage.config))
-            ctx.records[stage.name] = record
-            progress.finish(stage, record["seconds"])
+                progress.finish(stage, record["seconds"])
         progress.summary(skipped)
         from vlsafe.report.build import build_report
 
