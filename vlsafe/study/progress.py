@@ -68,4 +68,6 @@ def quiet_transformers():
         yield
     finally:
         if was_enabled:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # turns the hub's on too: back to what they were
+        if not hub_enabled:
+            hub.disable_progress_bars()
