@@ -570,7 +570,7 @@ def test_transformers_bars_are_off_during_the_study_and_the_hubs_download_bars_a
     from huggingface_hub import utils as hub
     from transformers.utils import logging as hf_logging
 
-    from vlsafe.study.progress import quiet_transformers
+    from vlsafe.assets import quiet_transformers
 
     hf_logging.enable_progress_bar()
     with quiet_transformers():

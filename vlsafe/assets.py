@@ -337,6 +337,26 @@ def progress_bar(counting: Literal["bytes", "items"] = "bytes"):
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own bars ("Loading weights", "Writing model shards": two per model loaded and saved) off while
+    one of ours runs; the hub's download bars stay as they were."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, hub_enabled = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns the hub's off
+    if hub_enabled:
+        hub.enable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # turns the hub's on too: back to what they were
+        if not hub_enabled:
+            hub.disable_progress_bars()
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -146,18 +146,11 @@ def _quiet_hf_bars(progress, description: str) -> Iterator[None]:
     from unittest import mock
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
 
     def track(iterable, desc=None, **_):
         return progress.track(iterable, total=len(iterable) if hasattr(iterable, "__len__") else None,
                               description=description)
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     patch = mock.patch.object(gguf_utils, "tqdm", track) if hasattr(gguf_utils, "tqdm") else contextlib.nullcontext()
-    try:
-        with patch:
-            yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    with assets.quiet_transformers(), patch:
+        yield

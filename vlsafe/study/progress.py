@@ -6,7 +6,6 @@ worth PRIOR_S seconds of estimate, so one short stage (a 20-second corpus) does 
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from rich.console import Console
@@ -52,22 +51,3 @@ class StudyProgress:
         self.console.print(f"study: {self.done - skipped} stage(s) run, {skipped} reused, "
                            f"{_clock(time.time() - self.began)} wall")
 
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' own bars ("Loading weights", "Writing model shards": two per model a stage loads or saves)
-    off while the study's display runs; the hub's download bars stay as they were."""
-    from huggingface_hub import utils as hub
-    from transformers.utils import logging as hf_logging
-
-    was_enabled, hub_enabled = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()  # also turns the hub's off
-    if hub_enabled:
-        hub.enable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()  # turns the hub's on too: back to what they were
-        if not hub_enabled:
-            hub.disable_progress_bars()

@@ -94,7 +94,8 @@ def run_study(config_path: str | Path | None = None, profile: str | None = None,
     import yaml
 
     from vlsafe.io import write_json
-    from vlsafe.study.progress import StudyProgress, quiet_transformers
+    from vlsafe.assets import quiet_transformers
+    from vlsafe.study.progress import StudyProgress
     from vlsafe.study.stages import Context, runner
 
     out = Path(out)
