@@ -318,6 +318,10 @@ def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     assert main(["study", str(bad_layer), "--out", str(tmp_path / "d")]) == 2
     assert "tower_feature_layer: pico: feature layer 7 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    bad_cost = _config(tmp_path, "cost", cost={"fp32": {"train_token_s": -1.0}})
+    assert main(["study", str(bad_cost), "--out", str(tmp_path / "g"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad_cost}: field 'cost.fp32.train_token_s': Input should be greater than 0"]
     from vlsafe import precision
 
     with pytest.MonkeyPatch.context() as patch:  # a CPU without bf16 instructions
