@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-import click
 import typer
 
 from vlsafe.cli._app import app
@@ -30,13 +29,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         for line in err.problems or [str(err)]:
             typer.echo(f"error: {_one_line(line)}", err=True)
         return 2
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as err:
-        typer.echo(f"error: {err.format_message()}", err=True)
+    except typer.TyperException as err:  # a usage error (typer carries its own click): unknown option, bad value
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        typer.echo(f"error: {_one_line(message)}", err=True)
         return 2
     return status if isinstance(status, int) else 0
 
