@@ -39,3 +39,22 @@ def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, 
 
 def test_bench_train_needs_two_steps(capsys):
     assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--steps", "1"]) == 2
+
+
+def test_bench_train_rounds_alternate_and_pool_each_side(capsys):
+    """Two rounds (the Trainer first in the second): each side pools both, on the same tokens as the other."""
+    assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--steps", "2", "--batch-size", "2",
+                 "--dtype", "fp32", "--peak-size", "64", "--rounds", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, base = report["vlsafe"], report["transformers_trainer"]
+    assert ours["steps_timed"] == base["steps_timed"] == 2  # one timed step per side per round
+    assert ours["tokens"] == base["tokens"] > 0
+    assert len(report["rounds"]) == 2
+    for r in report["rounds"]:
+        assert r["ratio"] == pytest.approx(r["vlsafe_tokens_per_s"] / r["trainer_tokens_per_s"], rel=1e-2)
+    assert report["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"], rel=1e-2)
+    assert abs(ours["final_loss"] - base["final_loss"]) < 1e-4  # the second round trains the same way
+
+
+def test_bench_train_needs_a_round(capsys):
+    assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--rounds", "0"]) == 2

@@ -8,6 +8,11 @@ the same learning rate and step count, one after the other in this process. Thro
 bf16) is measured in the same run, and MFU is reported against the bf16 peak (fp32 where the hardware has no
 native bf16; see limits.py).
 
+A shared or throttled machine drifts between the two sides' minutes (one ratio on a 2-core cloud CPU ranged over
+1.07-1.28 in single runs of the same tree): `--rounds N` runs the pair N times, the order alternating (vlsafe
+first in even rounds, the Trainer first in odd ones), each round from the same VLM@0 and batches. Each side's
+figures pool its rounds (tokens over seconds); `ratio` is the pooled ratio, and `rounds` lists each round's own.
+
     vlsafe bench train --llm smollm2-135m-instruct --tower efficientnet-lite0 --steps 4 --json
 """
 
@@ -115,10 +120,19 @@ def run_trainer(config, out: Path) -> dict:
             "steps_timed": len(spans), "final_loss": losses[-1] if losses else None}
 
 
+def _pooled(results: list[dict]) -> dict:
+    """One side over its rounds: tokens and seconds summed, the last round's final loss."""
+    tokens, seconds = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "steps_timed": sum(r["steps_timed"] for r in results), "final_loss": results[-1]["final_loss"]}
+
+
 def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2e-5, max_length: int = 512,
-        n: int = 64, seed: int = 0, dtype: str = "auto", peak_size: int = 2048) -> dict:
+        n: int = 64, seed: int = 0, dtype: str = "auto", peak_size: int = 2048, rounds: int = 1) -> dict:
     if steps < 2:
         raise VlsafeError("--steps must be at least 2 (the first step is not timed)")
+    if rounds < 1:
+        raise VlsafeError("--rounds must be at least 1")
     from vlsafe import precision as precisions
     from vlsafe.allocator import tune as tune_allocator
     from vlsafe.bench import limits
@@ -136,8 +150,17 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
         vlm = checkpoint.build_vlm(llm, tower, seed=seed)
         flops_per_token = 6 * limits.model_params(vlm.model)
         checkpoint.save(vlm, root / "vlm0")
-        config = _config(root / "vlm0", data, root / "ours", steps, batch_size, lr, max_length, precision)
-        sides = {"vlsafe": run_vlsafe(config), "transformers_trainer": run_trainer(config, root / "trainer")}
+        results: dict[str, list[dict]] = {"vlsafe": [], "transformers_trainer": []}
+        for r in range(rounds):
+            config = _config(root / "vlm0", data, root / f"ours-{r}", steps, batch_size, lr, max_length, precision)
+            order = ["vlsafe", "transformers_trainer"][:: 1 if r % 2 == 0 else -1]
+            for side in order:
+                results[side].append(run_vlsafe(config) if side == "vlsafe"
+                                     else run_trainer(config, root / f"trainer-{r}"))
+    sides = {side: _pooled(results[side]) for side in results}
+    per_round = [{"vlsafe_tokens_per_s": ours["tokens_per_s"], "trainer_tokens_per_s": base["tokens_per_s"],
+                  "ratio": round(ours["tokens_per_s"] / base["tokens_per_s"], 3)}
+                 for ours, base in zip(results["vlsafe"], results["transformers_trainer"])]
     for side in sides.values():
         side |= {"precision": precision,
                  "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
@@ -145,4 +168,5 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
             "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
             "precision": precision,
             "peak": peak, "flops_per_token": flops_per_token, **sides,
-            "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3)}
+            "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3),
+            "rounds": per_round}
