@@ -181,13 +181,15 @@ def git_hash() -> str | None:
 def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None = None, limit: int | None = None,
              conditions: list[str] | None = None, corpus: str | Path | None = None,
              cache_path: str | Path | None = None, batch_size: int = 16, backend: str = "hf", log=print,
-             judge: str | None = None, data: dict[str, str] | None = None, dtype: str = "fp32") -> dict:
+             judge: str | None = None, data: dict[str, str] | None = None, dtype: str = "fp32",
+             show_progress: bool = True) -> dict:
     """Evaluate `model` on `suite` into the new directory `out`; returns the results.json object. `judges`
     replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`); `data` maps suite
     entry names to local files of published benchmarks (`--data NAME=PATH`). `dtype`: the generation precision
     (fp32 | bf16 | auto; auto = bf16 where the hardware has it, see vlsafe/precision.py). fp32 by default: greedy
     answers in fp32 do not depend on the batch, while bf16 rounding changes enough of them to move the verdicts
-    (vlsafe/precision.py has the measurement)."""
+    (vlsafe/precision.py has the measurement). `show_progress`: the items generated so far on stderr
+    (vlsafe/progress.py)."""
     import numpy
 
     from vlsafe.eval import benchmarks
@@ -197,6 +199,7 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
     from vlsafe.eval.metrics import BOOTSTRAP, answer_correct
     from vlsafe.io import atomic_dir, machine, versions, write_json
     from vlsafe.model import checkpoint
+    from vlsafe.progress import Steps
 
     out = Path(out)
     if out.exists():
@@ -247,7 +250,9 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
                 groups.append((entry, bench, condition, shown))
         # one generation for the whole suite: batches stay full and group prompts of like length across benchmarks
         every = [p for *_, shown in groups for p in shown]
-        all_responses = generate(bundle, every, decoding, batch_size=batch_size, cache=cache, backend=backend)
+        with Steps("generate", len(every), unit="items", enabled=show_progress) as bar:
+            all_responses = generate(bundle, every, decoding, batch_size=batch_size, cache=cache, backend=backend,
+                                     progress=bar.advance)
         all_keys = generation_keys(bundle, every, decoding, backend=backend)
         start = 0
         for entry, bench, condition, shown in groups:

@@ -1,5 +1,5 @@
 """The study's progress line: which stage, how many are done, and an ETA from the cost model corrected by what
-the finished stages actually took (training stages show their own step bar below it).
+the finished stages actually took (training and evaluation stages show their own steps below it: vlsafe/progress.py).
 
 The correction is the ratio of measured to estimated time over the finished stages, shrunk toward 1 by a prior
 worth PRIOR_S seconds of estimate, so one short stage (a 20-second corpus) does not rescale hours of training."""
@@ -10,13 +10,9 @@ import time
 
 from rich.console import Console
 
+from vlsafe.progress import clock
+
 PRIOR_S = 600.0
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class StudyProgress:
@@ -35,7 +31,7 @@ class StudyProgress:
 
     def start(self, stage) -> None:
         self.console.print(f"[bold][{self.done + 1}/{self.total}][/bold] {stage.name} ({stage.kind}, est. "
-                           f"{_clock(stage.cost_s)}; study ETA {_clock(self._eta())})")
+                           f"{clock(stage.cost_s)}; study ETA {clock(self._eta())})")
 
     def skip(self, stage) -> None:
         self.remaining.pop(stage.name, None)
@@ -45,9 +41,9 @@ class StudyProgress:
         self.estimated_done += self.remaining.pop(stage.name, 0.0)
         self.actual_done += seconds
         self.done += 1
-        self.console.print(f"      {stage.name} done in {_clock(seconds)}")
+        self.console.print(f"      {stage.name} done in {clock(seconds)}")
 
     def summary(self, skipped: int) -> None:
         self.console.print(f"study: {self.done - skipped} stage(s) run, {skipped} reused, "
-                           f"{_clock(time.time() - self.began)} wall")
+                           f"{clock(time.time() - self.began)} wall")
 

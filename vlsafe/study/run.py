@@ -26,7 +26,7 @@ def _fingerprint_or_missing(path: str) -> str:
 
 def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
     """The DAG as text: one line per stage with its inputs, estimated cost and whether it is done."""
-    from vlsafe.study.progress import _clock
+    from vlsafe.progress import clock
 
     lines, total = [], 0.0
     width = max(len(s.name) for s in ordered)
@@ -39,9 +39,9 @@ def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
         else:
             total += stage.cost_s
         inputs = ", ".join(stage.inputs) or "-"
-        lines.append(f"  {stage.name:<{width}}  {stage.kind:<12} {_clock(stage.cost_s):>8}  {state:<4}  <- {inputs}")
+        lines.append(f"  {stage.name:<{width}}  {stage.kind:<12} {clock(stage.cost_s):>8}  {state:<4}  <- {inputs}")
     scaled = f"; {plan.cost_note}" if plan.cost_note else ""
-    lines.append(f"  {len(ordered)} stages; estimated {_clock(total)} to run (cost model: vlsafe/study/dag.py{scaled})")
+    lines.append(f"  {len(ordered)} stages; estimated {clock(total)} to run (cost model: vlsafe/study/dag.py{scaled})")
     return "\n".join(lines)
 
 

@@ -190,7 +190,8 @@ def run_eval(ctx: Context, config: dict, folder: Path) -> dict:
 
     report = evaluate(ctx.resolve(config["model"]), ctx.resolve(config["suite"]), folder / "eval",
                       judges=config.get("judges"), corpus=ctx.resolve(config["corpus"]), cache_path=ctx.cache,
-                      batch_size=config["batch_size"], dtype=config["dtype"], log=lambda m: None)
+                      batch_size=config["batch_size"], dtype=config["dtype"], log=lambda m: None,
+                      show_progress=ctx.show_progress)
     return {"eval": rel(ctx, folder / "eval"), "fingerprint": report["model"]["fingerprint"],
             "judges": report["judges"]}
 

@@ -246,8 +246,7 @@ class Run:
     # ---------------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Steps `start` .. `total`: each is grad_accum micro-batches, a clipped optimizer step, a log line."""
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from vlsafe.progress import Steps
 
         config, stage, accelerator = self.config, self.stage, self.accelerator
         encode = stage.encode or (_encode_plain if config.template == "plain" else None)
@@ -256,10 +255,7 @@ class Run:
         batches = iter(loader)
         count = stage.count or _target_tokens
         self.log = RunLog(self.out, self.start, accelerator.is_main_process)
-        bar = Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True),
-                       disable=not (self.show_progress and accelerator.is_main_process))
-        task = bar.add_task("train", total=self.total, completed=self.start, info="")
+        bar = Steps(stage.name, self.total, self.start, enabled=self.show_progress and accelerator.is_main_process)
         # no model.train() here: prepare_model left the frozen parts in eval mode (no dropout) on purpose
         with bar:
             for step in range(self.start, self.total):
@@ -281,7 +277,7 @@ class Run:
                                     "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                                     "tokens": int(counts[1]), "target_tokens": int(counts[0]),
                                     "tokens_per_s": round(int(counts[1]) / seconds, 1), **metrics})
-                bar.update(task, completed=done, info=f"loss {loss:.4f}  lr {lr:.2e}")
+                bar.update(done, info=f"loss {loss:.4f}  lr {lr:.2e}")
                 if config.save_every and done % config.save_every == 0:
                     self.save_checkpoint(done)
         self.log.close()
