@@ -282,3 +282,17 @@ def test_truncation_never_cuts_through_an_image(pico_dir, images):
     assert len(bundle.formatter(max_length=60).encode_conversation(conv).input_ids) == 60
     with pytest.raises(VlsafeError, match="cuts through the image"):
         bundle.formatter(max_length=25).encode_conversation(conv)
+
+
+def test_llm_params_counts_without_loading_and_the_presets_record_is_right(tmp_path):
+    """The dry run's LLM size: a folder's config.json built on the meta device, a preset's recorded count; both
+    equal what the loaded model passes each token through (the count MFU uses)."""
+    from vlsafe.bench.limits import model_params
+    from vlsafe.model import checkpoint
+    from vlsafe.model.llms import llm_params, pico_llm
+
+    model, _ = pico_llm()
+    model.save_pretrained(tmp_path / "llm")
+    assert llm_params(str(tmp_path / "llm")) == model_params(model)
+    assert llm_params("smollm2-135m-instruct") == model_params(checkpoint.load("smollm2-135m-instruct").model)
+    assert llm_params(str(tmp_path / "missing")) is None and llm_params("pico") is None

@@ -262,6 +262,23 @@ def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch)
     assert "100 GFLOP/s against the profile's bf16 reference 200" in plan.cost_note
 
 
+def test_the_estimate_scales_with_the_llms_parameters_per_token(tmp_path, monkeypatch):
+    """A config naming an LLM three times the size of the one its cost constants were measured with is estimated
+    three times as long (FLOPs per token); an LLM of unknown size keeps the estimate as it is. No key changes."""
+    from vlsafe.model import llms
+    from vlsafe.study.run import prepare
+
+    _, _, plain, _ = prepare(_config(tmp_path, "plain"), None)
+    monkeypatch.setattr(llms, "llm_params", lambda spec: 3_000_000 if spec == "pico" else None)
+    _, plan, scaled, _ = prepare(_config(tmp_path, "big", cost={"reference_params": 1e6}), None)
+    assert [s.key for s in scaled] == [s.key for s in plain]
+    assert all(b.cost_s == pytest.approx(3 * a.cost_s) for a, b in zip(plain, scaled))
+    assert "x3.00 for pico's 3M parameters per token against the 1M its constants were measured with" in plan.cost_note
+    monkeypatch.setattr(llms, "llm_params", lambda spec: None)
+    _, plan, unknown, _ = prepare(_config(tmp_path, "unknown", cost={"reference_params": 1e6}), None)
+    assert [s.cost_s for s in unknown] == [s.cost_s for s in plain] and "parameters" not in plan.cost_note
+
+
 def test_a_cpu_without_native_bf16_is_estimated_from_the_profiles_fp32_constants(tmp_path, monkeypatch):
     """Where training runs in fp32, the estimate takes the constants measured on such a CPU and scales them by
     fp32 peaks; a CPU with native bf16 keeps the bf16 constants and peaks. Neither changes a stage's key."""

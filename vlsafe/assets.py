@@ -61,6 +61,9 @@ class Asset(BaseModel):
     licence: str
     description: str
     loader: str
+    # an LLM's parameters a token's computation passes through (vlsafe.bench.limits.model_params), counted after
+    # loading: the study's dry run scales its cost constants by it (vlsafe.model.llms.llm_params)
+    params: int | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "Asset":

@@ -85,3 +85,38 @@ def resolve_llm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, tr
     except (OSError, ValueError) as err:
         raise VlsafeError(f"language model {spec!r}: cannot load ({str(err).splitlines()[0][:200]})") from None
     return model.eval(), load_tokenizer(spec, trust_remote_code)
+
+
+def llm_params(spec: str) -> int | None:
+    """The parameters a token's computation passes through (vlsafe.bench.limits.model_params) in the LLM `spec`,
+    without loading its weights: a preset's recorded count, else a model built on the meta device from the
+    config.json of a local folder or of a hub id in the local cache; None where neither is at hand (or transformers
+    cannot build it without remote code)."""
+    from vlsafe import assets
+
+    preset = {a.name: a for a in assets.list_assets()}.get(spec)
+    if preset is not None:
+        return preset.params
+    path, config = Path(spec), None
+    if path.is_dir():
+        config = path / "config.json"
+    elif "/" in spec and not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(spec, "config.json")
+            config = Path(found) if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - a malformed id or no cache: not at hand
+            config = None
+    if config is None or not config.is_file():
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlsafe.bench.limits import model_params
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.parent))
+    except (OSError, ValueError, KeyError):  # not a causal LM transformers knows
+        return None
+    return model_params(model)

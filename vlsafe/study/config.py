@@ -87,6 +87,7 @@ class Fp32Rates(Strict):
     projector_token_s: float = Field(gt=0)
     generate_token_s: float = Field(gt=0)
     reference_fp32_flops: float = Field(gt=0)  # that CPU's fp32 matmul peak (`vlsafe bench`'s 2048 x 2048)
+    reference_params: float | None = Field(None, gt=0)  # the LLM they were measured with (see CostModel)
 
 
 class CostModel(Strict):
@@ -106,14 +107,19 @@ class CostModel(Strict):
     # with that CPU's fp32 peak: such a machine's estimate uses these, scaled by fp32 peaks; None: the constants
     # above, scaled by the bf16 reference over this machine's fp32 peak (which overstated such a CPU about 5x)
     fp32: Fp32Rates | None = None
+    # the per-token parameters (vlsafe.model.checkpoint.llm_params) of the LLM these constants were measured with:
+    # a study of another LLM (a config that `extends:` a profile and names its own) has its estimates scaled by
+    # its count over this one, as its FLOPs per token are; None: the constants as they are
+    reference_params: float | None = Field(None, gt=0)
 
-    def on_machine(self, precision: str) -> tuple[CostModel, float | None, str]:
-        """(the constants, their reference peak, its precision) for a machine whose training precision is
-        `precision` (vlsafe.precision.resolve("auto", ...))."""
+    def on_machine(self, precision: str) -> tuple[CostModel, float | None, str, float | None]:
+        """(the constants, their reference peak, its precision, their reference LLM's parameters) for a machine
+        whose training precision is `precision` (vlsafe.precision.resolve("auto", ...))."""
         if precision == "fp32" and self.fp32 is not None:
-            rates = self.fp32.model_dump(exclude={"reference_fp32_flops"})
-            return self.model_copy(update=rates), self.fp32.reference_fp32_flops, "fp32"
-        return self, self.reference_bf16_flops, "bf16"
+            rates = self.fp32.model_dump(exclude={"reference_fp32_flops", "reference_params"})
+            return (self.model_copy(update=rates), self.fp32.reference_fp32_flops, "fp32",
+                    self.fp32.reference_params)
+        return self, self.reference_bf16_flops, "bf16", self.reference_params
 
 
 class StudyConfig(Strict):

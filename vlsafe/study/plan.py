@@ -36,7 +36,7 @@ class Plan:
     missing: list[str] = field(default_factory=list)  # one line per input that is not there
     unrunnable: list[str] = field(default_factory=list)  # one line per precision this machine cannot run
     suite: dict = field(default_factory=dict)
-    cost_note: str = ""  # how the estimates were scaled to this machine (vlsafe/study/run.py machine_scale)
+    cost_note: str = ""  # how the estimates were scaled to this machine and LLM (vlsafe/study/run.py)
 
 
 # ------------------------------------------------------------------------------------------------- input checks
@@ -118,9 +118,9 @@ def suite_for(config: StudyConfig, where: str) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------- costs
-def machine_costs(config: StudyConfig) -> tuple[CostModel, float | None, str]:
-    """The cost constants for this machine (its training precision picks the set), their reference peak and the
-    precision that peak is measured in."""
+def machine_costs(config: StudyConfig) -> tuple[CostModel, float | None, str, float | None]:
+    """The cost constants for this machine (its training precision picks the set), their reference peak, the
+    precision that peak is measured in and the parameters per token of the LLM they were measured with."""
     from vlsafe import precision
 
     return config.cost.on_machine(precision.resolve("auto", precision.device_type()))

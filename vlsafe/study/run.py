@@ -53,7 +53,7 @@ def machine_scale(config: StudyConfig) -> tuple[float, str]:
 
     from vlsafe.study.plan import machine_costs
 
-    _, reference, measured_in = machine_costs(config)
+    _, reference, measured_in, _ = machine_costs(config)
     if reference is None or torch.cuda.is_available():
         return 1.0, ""
     from vlsafe.bench.limits import matmul_peak
@@ -66,6 +66,23 @@ def machine_scale(config: StudyConfig) -> tuple[float, str]:
                     f"profile's {measured_in} reference {reference / 1e9:.0f}")
 
 
+def model_scale(config: StudyConfig) -> tuple[float, str]:
+    """(factor, note): the study's LLM's parameters per token over those of the LLM its cost constants were measured
+    with (`cost.reference_params`, per set), as a token's FLOPs scale; (1.0, "") where either is unknown."""
+    from vlsafe.model.llms import llm_params
+    from vlsafe.study.plan import machine_costs
+
+    reference = machine_costs(config)[3]
+    params = llm_params(config.llm) if reference is not None else None
+    if params is None:
+        return 1.0, ""
+    factor = params / reference
+    if abs(factor - 1) < 0.01:
+        return 1.0, ""
+    return factor, (f"x{factor:.2f} for {config.llm}'s {params / 1e6:.0f}M parameters per token against the "
+                    f"{reference / 1e6:.0f}M its constants were measured with")
+
+
 def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyConfig, Plan, list[Stage], Path]:
     from vlsafe import precision
 
@@ -76,7 +93,8 @@ def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyC
     except VlsafeError as err:
         plan.unrunnable.append(f"eval.dtype: {err}")
     ordered = plan.dag.assign_keys(_fingerprint_or_missing)
-    factor, plan.cost_note = machine_scale(config)
+    (by_machine, on_machine), (by_model, on_model) = machine_scale(config), model_scale(config)
+    factor, plan.cost_note = by_machine * by_model, "; ".join(n for n in (on_machine, on_model) if n)
     for stage in ordered:
         stage.cost_s *= factor
     return config, plan, ordered, source
