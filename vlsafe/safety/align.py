@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 from vlsafe.data.records import Conversation, Prompt, Turn
 from vlsafe.errors import VlsafeError
@@ -91,13 +90,14 @@ def refusal_conversations(prompts: list[Prompt], seed: int) -> list[Conversation
 
 
 def own_answers(model: str, prompts: list[Prompt], max_new_tokens: int, cache_path: str | None,
-                batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                batch_size: int = 16, show_progress: bool = True,
                 temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
     """The model's answers before any tuning (greedy; sampled at `temperature` > 0), through the project's
-    generation cache."""
+    generation cache; `show_progress`: the answers so far on stderr (vlsafe/progress.py)."""
     from vlsafe.eval.cache import Cache
     from vlsafe.eval.generate import Decoding, generate, model_fingerprint
     from vlsafe.model import checkpoint
+    from vlsafe.progress import Steps
 
     bundle = checkpoint.load(model)
     if bundle.is_vlm:
@@ -106,7 +106,8 @@ def own_answers(model: str, prompts: list[Prompt], max_new_tokens: int, cache_pa
     try:
         decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                             temperature=temperature or 1.0, seed=seed)
-        answers = generate(bundle, prompts, decoding, batch_size=batch_size, progress=progress, cache=cache)
+        with Steps("generate", len(prompts), unit="items", enabled=show_progress) as bar:
+            answers = generate(bundle, prompts, decoding, batch_size=batch_size, progress=bar.advance, cache=cache)
     finally:
         cache.close()
     return answers, model_fingerprint(bundle)
@@ -114,7 +115,7 @@ def own_answers(model: str, prompts: list[Prompt], max_new_tokens: int, cache_pa
 
 def build(out: str | Path, model: str, n_harmful: int = 160, seed: int = 0, max_new_tokens: int = 80,
           cache_path: str | None = None, benign_file: str | Path = BENIGN_FILE, evaluation: dict | None = None,
-          progress: Callable[[int], None] | None = None, temperature: float = 0.0) -> dict:
+          show_progress: bool = True, temperature: float = 0.0) -> dict:
     """Writes out/align.jsonl (format `jsonl`) and out/manifest.json; returns the manifest.
 
     `evaluation` overrides the evaluation sets the leakage check reads (tests); nothing is written on failure.
@@ -135,7 +136,7 @@ def build(out: str | Path, model: str, n_harmful: int = 160, seed: int = 0, max_
     benign = benign_prompts(Path(benign_file))
     leakage.check(benign, evaluation, where=str(benign_file))  # a file we write must not leak: fail, not filter
 
-    answers, fingerprint = own_answers(model, benign, max_new_tokens, cache_path, progress=progress,
+    answers, fingerprint = own_answers(model, benign, max_new_tokens, cache_path, show_progress=show_progress,
                                        temperature=temperature, seed=seed)
     refused = [judge("refusal-patterns").judge(p.text, a).refused for p, a in zip(benign, answers)]
     helpful = [Conversation(id=f"align-answer-{p.id}", source=p.source,

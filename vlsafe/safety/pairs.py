@@ -24,12 +24,14 @@ from vlsafe.errors import VlsafeError
 
 
 def build(model: str, out: str | Path, n_harmful: int = 100, n_benign: int = 60, seed: int = 0,
-          max_new_tokens: int = 64, images: str | Path | None = None, cache_path: str | None = None) -> dict:
+          max_new_tokens: int = 64, images: str | Path | None = None, cache_path: str | None = None,
+          show_progress: bool = True) -> dict:
     from vlsafe.eval.cache import Cache
     from vlsafe.eval.generate import Decoding, generate
     from vlsafe.eval.judges import get as judge
     from vlsafe.io import atomic_dir, sha256_file
     from vlsafe.model import checkpoint
+    from vlsafe.progress import Steps
     from vlsafe.safety import jsonl, leakage
     from vlsafe.safety.align import balanced_sample, benign_prompts, harmful_pool
     from vlsafe.safety.refusals import compose
@@ -50,10 +52,12 @@ def build(model: str, out: str | Path, n_harmful: int = 100, n_benign: int = 60,
 
     cache = Cache(cache_path)
     try:
-        # harmful: sampled, so the rejected answer is one the model plausibly gives, not only its greedy one
-        sampled = generate(bundle, prompts[:len(harmful)], Decoding(max_new_tokens, do_sample=True, seed=seed),
-                           cache=cache)
-        greedy = generate(bundle, prompts[len(harmful):], Decoding(max_new_tokens), cache=cache)
+        with Steps("generate", len(prompts), unit="items", enabled=show_progress) as bar:
+            # harmful: sampled, so the rejected answer is one the model plausibly gives, not only its greedy one
+            sampled = generate(bundle, prompts[:len(harmful)], Decoding(max_new_tokens, do_sample=True, seed=seed),
+                               cache=cache, progress=bar.advance)
+            greedy = generate(bundle, prompts[len(harmful):], Decoding(max_new_tokens), cache=cache,
+                              progress=bar.advance)
     finally:
         cache.close()
     refusal_judge = judge("refusal-patterns")

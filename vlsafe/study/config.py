@@ -107,7 +107,7 @@ class CostModel(Strict):
     # with that CPU's fp32 peak: such a machine's estimate uses these, scaled by fp32 peaks; None: the constants
     # above, scaled by the bf16 reference over this machine's fp32 peak (which overstated such a CPU about 5x)
     fp32: Fp32Rates | None = None
-    # the per-token parameters (vlsafe.model.checkpoint.llm_params) of the LLM these constants were measured with:
+    # the per-token parameters (vlsafe.model.llms.llm_params) of the LLM these constants were measured with:
     # a study of another LLM (a config that `extends:` a profile and names its own) has its estimates scaled by
     # its count over this one, as its FLOPs per token are; None: the constants as they are
     reference_params: float | None = Field(None, gt=0)

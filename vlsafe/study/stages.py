@@ -76,7 +76,7 @@ def run_align_data(ctx: Context, config: dict, folder: Path) -> dict:
     from vlsafe.safety.align import build
 
     build(folder / "data", ctx.resolve(config["model"]), n_harmful=config["n_harmful"], seed=config["seed"],
-          max_new_tokens=config["max_new_tokens"], cache_path=ctx.cache)
+          max_new_tokens=config["max_new_tokens"], cache_path=ctx.cache, show_progress=ctx.show_progress)
     return {"data": rel(ctx, folder / "data" / "align.jsonl")}
 
 
@@ -107,7 +107,7 @@ def run_pairs(ctx: Context, config: dict, folder: Path) -> dict:
 
     build(ctx.resolve(config["model"]), folder / "data", n_harmful=config["n_harmful"], n_benign=config["n_benign"],
           seed=config["seed"], max_new_tokens=config["max_new_tokens"], images=ctx.resolve(config["images"]),
-          cache_path=ctx.cache)
+          cache_path=ctx.cache, show_progress=ctx.show_progress)
     return {"data": rel(ctx, folder / "data" / "pairs.jsonl")}
 
 
