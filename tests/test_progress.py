@@ -29,6 +29,8 @@ def test_lines_give_the_count_the_elapsed_time_and_an_eta(capsys, monkeypatch):
     assert [re.match(r"\s+stage1: (\d)/4 steps", line).group(1) for line in lines] == ["2", "3", "4"]
     assert all("ETA" in line for line in lines[:-1]) and "ETA" not in lines[-1]  # nothing left at the end
     assert lines[-1].endswith("loss 0.50")
+    bar.advance(0)  # a late call that adds nothing (a cache hit count of 0) does not repeat the last line
+    assert capsys.readouterr().err == ""
 
 
 def test_disabled_prints_nothing(capsys, monkeypatch):

@@ -64,8 +64,8 @@ class Steps:
             self.info = info
         if self.bar is not None:
             self.bar.update(self.task, completed=completed, info=self.info)
-        elif self.enabled and (time.monotonic() - self.last >= LINE_EVERY_S
-                               or (self.printed and completed >= self.total)):
+        elif self.enabled and completed != self.reported and (time.monotonic() - self.last >= LINE_EVERY_S
+                                                              or (self.printed and completed >= self.total)):
             self._line()
 
     def _line(self) -> None:
