@@ -339,6 +339,11 @@ def test_bad_configs_fail_before_any_work_with_one_line(tmp_path, capsys):
     assert main(["study", str(bad_cost), "--out", str(tmp_path / "g"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {bad_cost}: field 'cost.fp32.train_token_s': Input should be greater than 0"]
+    bad_size = _config(tmp_path, "size", cost={"reference_params": "many"})
+    assert main(["study", str(bad_size), "--out", str(tmp_path / "h"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {bad_size}: field 'cost.reference_params': Input should be a valid number, unable to parse string "
+        "as a number"] and not (tmp_path / "h").exists()
     from vlsafe import precision
 
     with pytest.MonkeyPatch.context() as patch:  # a CPU without bf16 instructions
