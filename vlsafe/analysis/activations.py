@@ -195,9 +195,9 @@ def analyze(model: str, out, reference: Optional[str] = None, conditions: Sequen
     layers and `model`'s elsewhere (merges.safety_layer_merge)."""
     from safetensors.torch import save_file
 
-    from vlsafe.assets import progress_bar
     from vlsafe.eval import benchmarks
     from vlsafe.io import atomic_dir, write_json
+    from vlsafe.progress import Steps
     from vlsafe.model import checkpoint
 
     out = Path(out)
@@ -228,9 +228,8 @@ def analyze(model: str, out, reference: Optional[str] = None, conditions: Sequen
         _check_reference(bundle, ref_bundle, model, reference)
 
     total = (len(harmful) + len(benign)) * (len(conditions) + (ref_bundle is not None))
-    with atomic_dir(out) as tmp, progress_bar("items") as bar:
-        task = bar.add_task("hidden states", total=total) if progress else None
-        advance = (lambda k: bar.advance(task, k)) if task is not None else None
+    with atomic_dir(out) as tmp, Steps("hidden states", total, unit="items", enabled=progress) as bar:
+        advance = bar.advance
         measured = {c: measure(bundle, harmful, benign, c, tmp / "images", batch_size, advance) for c in conditions}
         if ref_bundle is not None:
             ref_states = measure(ref_bundle, harmful, benign, "text", tmp / "images", batch_size, advance)

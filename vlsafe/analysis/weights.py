@@ -210,20 +210,18 @@ def _num_layers(inp: Input) -> int:
 
 def _stream(inputs: dict[str, Input], base: str, models: list[str], vector_pairs, progress: bool):
     """One pass over every tensor name: the sums behind every row."""
-    from vlsafe.assets import progress_bar
+    from vlsafe.progress import Steps
 
     keys = sorted(set().union(*(inp.canonical for inp in inputs.values())))
     changes, vectors = _Sums(), _Sums()
     vocab_rows: dict[str, dict] = {}
     reader = Reader()
     try:
-        with progress_bar("items") as bar:
-            task = bar.add_task("comparing tensors", total=len(keys)) if progress else None
+        with Steps("comparing tensors", len(keys), unit="tensors", enabled=progress) as bar:
             for component, canonical in keys:
                 holders = {n: inp.tensors[inp.canonical[(component, canonical)]] for n, inp in inputs.items()
                            if (component, canonical) in inp.canonical}
-                if task is not None:
-                    bar.advance(task)
+                bar.advance()
                 if not next(iter(holders.values())).dtype.is_floating_point:
                     continue  # integer buffers (position ids) are not weights
                 layer, module = group_of(component, canonical)

@@ -13,7 +13,8 @@ on the machine the profile targets):
   generation  items x max_new_tokens x generate_token_s
   merge       merge_s;  corpus  images x image_s;  every stage  + fixed_s
 A CPU without native bf16 trains in fp32 and takes the `cost.fp32` constants where the profile has them; every
-estimate is then scaled by the constants' reference matmul peak over this machine's (vlsafe/study/run.py).
+estimate is then scaled by the constants' reference matmul peak over this machine's, and by the study LLM's
+parameters per token over those the constants were measured with (`cost.reference_params`; vlsafe/study/run.py).
 """
 
 from __future__ import annotations

@@ -214,10 +214,11 @@ def run_analysis(ctx: Context, config: dict, folder: Path) -> dict:
 
     names = config["names"]  # the base first
     paths = [ctx.resolve(m) for m in config["models"]]
-    weights.analyze(paths[0], paths[1:], folder / "weights", names=names, pairs=config["pairs"], progress=False)
+    weights.analyze(paths[0], paths[1:], folder / "weights", names=names, pairs=config["pairs"],
+                    progress=ctx.show_progress)
     activations.analyze(ctx.resolve(config["adapted"]), folder / "activations",
                         reference=ctx.resolve(config["aligned"]), conditions=tuple(config["conditions"]),
-                        corpus=ctx.resolve(config["corpus"]), progress=False)
+                        corpus=ctx.resolve(config["corpus"]), progress=ctx.show_progress)
     merged = {}
     for part in ("weights", "activations"):
         merged.update(json.loads((folder / part / "analysis.json").read_text()))
