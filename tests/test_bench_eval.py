@@ -63,6 +63,35 @@ def test_batched_engine_writes_what_one_generate_per_prompt_writes(chatty_pico, 
     assert tokenizer.decode(shared).endswith("<|im_start|>user\n")  # the chat preamble ran once
 
 
+def test_rows_last_linear_gives_the_answers_of_plain_linear_and_leaves_training_alone(chatty_pico, monkeypatch):
+    """fp32 generation computes few-row linear layers as W @ x.T: the layer's output is F.linear's to fp32 rounding,
+    greedy answers are those of the model without it, and with gradients on (training) F.linear runs as before."""
+    bundle = chatty_pico
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS)]
+    decoding = generation.Decoding(max_new_tokens=12)
+    answers = generation.generate(bundle, prompts, decoding, batch_size=4)  # the engine turns it on (fp32, CPU)
+    layer = bundle.model.get_output_embeddings()
+    assert "forward" in vars(layer)
+    real, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert not calls and fast.shape == (3, 5, layer.out_features)
+    torch.testing.assert_close(fast, real(x, layer.weight), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # more rows than a decode step has: F.linear
+        layer(torch.randn(generation.SKINNY_ROWS + 1, layer.in_features))
+    assert len(calls) == 1
+    trained = layer(x.requires_grad_())  # gradients on: F.linear, and they flow
+    trained.sum().backward()
+    assert len(calls) == 2 and x.grad is not None
+    monkeypatch.undo()
+
+    generation.rows_last_linear(bundle.model, on=False)
+    assert not any("forward" in vars(m) for m in bundle.model.modules() if type(m) is torch.nn.Linear)
+    assert _naive(bundle, prompts, decoding) == answers
+
+
 def test_a_joining_group_that_finishes_in_its_first_segment_leaves_the_running_rows_running(chatty_pico,
                                                                                               monkeypatch):
     # held-out image questions ("It is green.") end within one segment: a whole group of them can join a running
