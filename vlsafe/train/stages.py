@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -206,7 +207,10 @@ def _add_lora(model, config: TrainConfig, is_vlm: bool):
     # a regex, so that on a VLM only the LM's layers get adapters, never the tower's or the projector's
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=rf"^{scope}\.({names})$" if is_vlm else rf"^{scope}({names})$", bias="none")
-    peft_model = get_peft_model(model, lora)
+    # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning in every LoRA stage's log
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
         raise VlsafeError(f"lora.target_modules {config.lora.target_modules} match no layer of the model")
     return peft_model
