@@ -33,6 +33,25 @@ def test_lines_give_the_count_the_elapsed_time_and_an_eta(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_inside_a_study_stage_lines_name_the_stage_and_the_work(capsys, monkeypatch, tmp_path):
+    """The study runs each stage inside `progress.scope(stage)`: a training loop's line reads `stage2-s0 (full)`."""
+    from vlsafe.study import stages
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+
+    def fake_training(ctx, config, folder):
+        with progress.Steps("full", total=2) as bar:
+            bar.advance(2)
+        return {}
+
+    monkeypatch.setitem(stages.RUNNERS, "train", fake_training)
+    stages.runner(stages.Context(out=tmp_path), "train", {})(tmp_path / "stage2-s0")
+    assert re.match(r"\s+stage2-s0 \(full\): 2/2 steps", capsys.readouterr().err)
+    with progress.Steps("full", total=1) as bar:  # outside a stage: the work's own name, as before
+        bar.advance(1)
+    assert re.match(r"\s+full: 1/1 steps", capsys.readouterr().err)
+
+
 def test_disabled_prints_nothing(capsys, monkeypatch):
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     with progress.Steps("train", total=3, enabled=False) as bar:

@@ -7,14 +7,30 @@ seconds, and one when the loop ends if any was printed before (a loop shorter th
     with Steps("stage1", total=600, completed=resumed_at) as bar:
         ...
         bar.update(step, info="loss 1.2345")
+
+Inside `with scope("stage2-s0"):` (the study, around each of its stages) every loop is named after that stage too:
+`stage2-s0 (full): 7/40 steps, ...`, not only after the kind of work (`full`, `generate`) that a stage runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
 
 LINE_EVERY_S = 60.0
+_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vlsafe_progress_scope", default=None)
+
+
+@contextlib.contextmanager
+def scope(name: str):
+    """Names every `Steps` inside after `name` as well (a study stage around the training or evaluation it runs)."""
+    token = _SCOPE.set(name)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
 
 
 def clock(seconds: float) -> str:
@@ -31,6 +47,8 @@ class Steps:
     def __init__(self, name: str, total: int, completed: int = 0, unit: str = "steps", enabled: bool = True):
         from rich.console import Console
 
+        outer = _SCOPE.get()
+        name = f"{outer} ({name})" if outer and outer != name else name
         self.name, self.total, self.unit, self.enabled = name, total, unit, enabled
         self.completed = self.first = completed
         self.console = Console(stderr=True)

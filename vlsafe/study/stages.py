@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlsafe.errors import VlsafeError
+from vlsafe.progress import scope
 
 RESUMABLE = {"train"}  # kinds whose partial folder is kept across a kill (training resumes from its checkpoint)
 
@@ -271,6 +272,7 @@ def runner(ctx: Context, kind: str, config: dict) -> Callable[[Path], dict]:
     def run(folder: Path) -> dict:
         if kind not in RESUMABLE:
             _clear(folder)  # a killed non-training stage starts over (its generations are cached)
-        return RUNNERS[kind](ctx, config, folder)
+        with scope(folder.name):  # progress lines name the study stage, not only the work it runs
+            return RUNNERS[kind](ctx, config, folder)
 
     return run
