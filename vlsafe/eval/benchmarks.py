@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -108,7 +107,8 @@ def advbench() -> list[Prompt]:
     """AdvBench's 520 behaviours from pyrit's seed YAML; `category` is the first of its harm categories."""
     import yaml
 
-    seeds = yaml.safe_load(_asset("advbench", "adv_bench.prompt").read_text(encoding="utf-8"))["seeds"]
+    text = _asset("advbench", "adv_bench.prompt").read_text(encoding="utf-8")  # 125 kB: libyaml's parser when there
+    seeds = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["seeds"]  # (1 s less per load)
     return [Prompt(id=f"advbench-{i}", text=seed["value"], source="advbench",
                    category=(seed.get("harm_categories") or [""])[0], label="harmful",
                    meta={"harm_categories": seed.get("harm_categories") or []})
@@ -405,24 +405,45 @@ def _cached(key: tuple, make: Callable, image_dir) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ overlap
+OVERLAP_BLOCK = 2048  # prompts per sparse product in `find_overlap`
+
+
 def _normal(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def find_overlap(prompts: list[Prompt], others: list[Prompt], threshold: float = 0.8) -> list[tuple[str, str, float]]:
     """(id, other id, similarity) for exact (after normalising case and punctuation) and near duplicates:
-    word-set Jaccard >= threshold. Used to keep training and evaluation sources apart."""
-    sets = [frozenset(_normal(other.text).split()) for other in others]
-    index: dict[str, list[int]] = {}
-    for position, words in enumerate(sets):
-        for word in words:
-            index.setdefault(word, []).append(position)
+    word-set Jaccard >= threshold, in the order of `prompts`, then of `others`. Used to keep training and
+    evaluation sources apart.
+
+    The shared words of every pair come from one sparse product of word-incidence matrices (in blocks of
+    OVERLAP_BLOCK prompts, so a training set of LLaVA's size against every benchmark stays within memory)."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    vocabulary: dict[str, int] = {}
+
+    def incidence(texts: list[str]):
+        pointers, columns = [0], []
+        for text in texts:
+            columns += sorted({vocabulary.setdefault(word, len(vocabulary)) for word in _normal(text).split()})
+            pointers.append(len(columns))
+        return np.asarray(pointers), np.asarray(columns, dtype=np.int64)
+
+    def matrix(pointers, columns):
+        return csr_matrix((np.ones(len(columns), dtype=np.int32), columns, pointers),
+                          shape=(len(pointers) - 1, len(vocabulary)))
+
+    other_ptr, other_cols = incidence([other.text for other in others])
     found = []
-    for prompt in prompts:
-        words = frozenset(_normal(prompt.text).split())
-        shared = Counter(position for word in words for position in index.get(word, ()))
-        for position, common in shared.items():
-            similarity = common / len(words | sets[position])
-            if similarity >= threshold:
-                found.append((prompt.id, others[position].id, round(similarity, 3)))
+    for begin in range(0, len(prompts), OVERLAP_BLOCK):
+        block = prompts[begin:begin + OVERLAP_BLOCK]
+        ptr, cols = incidence([prompt.text for prompt in block])
+        common = (matrix(ptr, cols) @ matrix(other_ptr, other_cols).T).tocoo()
+        union = np.diff(ptr)[common.row] + np.diff(other_ptr)[common.col] - common.data
+        similarity = common.data / union
+        keep = np.flatnonzero(similarity >= threshold)
+        for k in keep[np.lexsort((common.col[keep], common.row[keep]))]:
+            found.append((block[common.row[k]].id, others[common.col[k]].id, round(float(similarity[k]), 3)))
     return found
