@@ -53,6 +53,25 @@ def test_cosine_threshold_is_chosen_on_the_labelled_pairs_and_catches_what_words
     assert (flagged & same & ~words).sum() >= 25
 
 
+def test_word_overlap_finds_every_pair_a_plain_jaccard_finds_in_any_block_size(evaluation, monkeypatch):
+    """find_overlap's sparse product against word-set Jaccard computed pair by pair, on AdvBench against
+    StrongREJECT and HarmBench (real near-duplicates), at a threshold low enough for thousands of pairs."""
+    prompts, others = B.advbench()[:150], evaluation["strongreject"] + evaluation["harmbench"]
+
+    other_words = [(o.id, set(B._normal(o.text).split())) for o in others]
+    plain = []
+    for p in prompts:
+        a = set(B._normal(p.text).split())
+        for other_id, b in other_words:
+            if a & b and len(a & b) / len(a | b) >= 0.3:
+                plain.append((p.id, other_id, round(len(a & b) / len(a | b), 3)))
+    assert len(plain) > 100 and any(s >= 0.8 for *_, s in plain)
+    assert B.find_overlap(prompts, others, 0.3) == plain  # the same pairs, in the order of prompts, then others
+    monkeypatch.setattr(B, "OVERLAP_BLOCK", 7)  # blocks that end mid-list: nothing lost or repeated
+    assert B.find_overlap(prompts, others, 0.3) == plain
+    assert B.find_overlap([Prompt(id="x", text="?!")], others) == []  # no words: no overlap
+
+
 def test_check_catches_a_paraphrase_that_word_overlap_misses(tmp_path, capsys):
     from vlsafe.safety import jsonl
 
