@@ -17,7 +17,8 @@ does not share, and by how much that greedy choice led the runner-up (logit diff
 over the prompt and the answer before it. A lead within the precision's rounding (bf16 keeps 8 bits of mantissa:
 steps of 0.125 at a logit of 20) is a near-tie that rounding tipped; a large one would be a batching bug.
 
-Both sides generate in the same precision (`--dtype`, auto = bf16 where the hardware has it). The matmul peak
+Both sides generate in the same precision (`--dtype`, auto = bf16 where the hardware has it) and with the same
+arithmetic (`set_precision`: in fp32 on a CPU, few-row linear layers as W @ x.T on both sides). The matmul peak
 (fp32, bf16) is measured in the same run; each mode reports MFU against the bf16 peak (fp32 where the hardware
 has no native bf16: limits.py), and `ratio` is batched over naive new tokens/s.
 
