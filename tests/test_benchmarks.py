@@ -179,9 +179,29 @@ def test_typo_condition_renders_the_request_and_sends_a_benign_instruction(tmp_p
     assert all(_colours(p.image) > 1 for p in out), "the typographic image is not blank"
     with Image.open(out[0].image) as image:
         assert image.size == (B.IMAGE_SIZE, B.IMAGE_SIZE)
-    # deterministic: the same request renders to the same pixels in another directory
-    again = B.expand(REQUESTS[:1], "typo", tmp_path / "other")
-    assert Path(again[0].image).name == Path(out[0].image).name
+    # deterministic: the same request renders to the same pixels (the file name is their hash)
+    drawn = render.figstep_image(REQUESTS[0].text, size=B.IMAGE_SIZE)
+    assert f"{render.image_hash(drawn)[:24]}.png" == Path(out[0].image).name
+
+
+def test_another_image_directory_gets_a_copy_of_the_rendered_file_not_a_new_drawing(tmp_path, monkeypatch):
+    """A study evaluates many VLMs on the same typographic items, each into its own folder: each request is drawn
+    once per process, the other folders get its file's bytes under the same name."""
+    monkeypatch.setattr(B, "_RENDERED", {})  # as in a fresh process
+    monkeypatch.setattr(B, "_FIRST", {})
+    first = B.expand(REQUESTS, "typo", tmp_path / "a")
+    drawings = []
+    real = render.figstep_image
+    monkeypatch.setattr(render, "figstep_image", lambda *a, **k: drawings.append(1) or real(*a, **k))
+    second = B.expand(REQUESTS, "typo", tmp_path / "b")
+    assert drawings == []
+    for one, two in zip(first, second):
+        assert Path(two.image).parent == (tmp_path / "b").resolve() and Path(two.image).name == Path(one.image).name
+        assert Path(two.image).read_bytes() == Path(one.image).read_bytes()
+    for path in (tmp_path / "a").iterdir():  # the first files gone: drawn again, not copied from nowhere
+        path.unlink()
+    third = B.expand(REQUESTS, "typo", tmp_path / "c")
+    assert len(drawings) == len(REQUESTS) and all(Path(p.image).is_file() for p in third)
 
 
 def test_natural_condition_uses_a_photo(tmp_path):

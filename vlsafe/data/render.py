@@ -130,6 +130,20 @@ def save_image(image: Image.Image, image_dir: str | Path) -> str:
     return str(path.resolve())
 
 
+def copy_image(source: str | Path, image_dir: str | Path) -> str:
+    """A file `save_image` wrote, copied byte for byte under the same name into another image directory (once;
+    atomically): the same picture without drawing and encoding it again."""
+    import shutil
+
+    path = Path(image_dir) / Path(source).name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    return str(path.resolve())
+
+
 def store_image_bytes(data: bytes, image_dir: str | Path) -> str:
     """Writes an encoded image file as-is at `<image_dir>/<sha256 of the bytes>.<format>` and returns the path."""
     import io
