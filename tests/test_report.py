@@ -151,6 +151,16 @@ def test_readme_tables_are_generated_from_summaries_and_checked(tmp_path):
     assert not set(readme.numbers_in_tables(page.read_text())) <= readme.summary_numbers(tmp_path / "results")
 
 
+def test_digits_inside_a_hash_are_not_summary_numbers(tmp_path):
+    """A commit such as 7b66b85... must not let a hand-typed 66 pass the README check; plain numbers in strings do."""
+    (tmp_path / "run.json").write_text(json.dumps({"git": "7b66b85f1bb130485c57fc75e5a65a3ae40a8fe1",
+                                                   "short": "c3e5d79", "note": "n = 120 items, 134515008 params",
+                                                   "share": 0.5}))
+    found = readme.summary_numbers(tmp_path)
+    assert not {"66", "7", "85", "3", "5", "79"} & found
+    assert {"120", "134515008", "50", "0.5"} <= found
+
+
 def test_every_number_in_readmes_results_block_is_in_docs_results():
     text = (ROOT / "README.md").read_text()
     assert readme.BEGIN in text and readme.END in text

@@ -173,6 +173,10 @@ def numbers_in_tables(markdown: str) -> list[str]:
     return [n for row in rows for n in re.findall(r"-?\d+(?:\.\d+)?", row)]
 
 
+# a git commit (full or short) or a content hash: 7+ hex characters, at least one a letter (a long plain number stays)
+HASH = re.compile(r"\b(?=[0-9]*[a-f])[0-9a-f]{7,}\b")
+
+
 def summary_numbers(results_dir: str | Path) -> set[str]:
     """The numbers that the summaries hold, in every form the tables print them."""
     found: set[str] = set()
@@ -183,8 +187,8 @@ def summary_numbers(results_dir: str | Path) -> set[str]:
         if isinstance(value, (int, float)):
             found.update({str(value), str(round(100 * value)), f"{value:g}", f"{value:.3f}", f"{100 * value:.0f}",
                           f"{100 * value:.1f}"})
-        elif isinstance(value, str):
-            found.update(re.findall(r"-?\d+(?:\.\d+)?", value))
+        elif isinstance(value, str):  # digits inside a hash (a commit, a file's sha256) are not numbers
+            found.update(re.findall(r"-?\d+(?:\.\d+)?", HASH.sub(" ", value)))
         elif isinstance(value, dict):
             for v in value.values():
                 walk(v)
