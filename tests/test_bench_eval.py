@@ -149,6 +149,44 @@ def test_a_long_prompt_prefills_apart_from_short_ones_and_answers_stay_those_of_
     assert (1, max(width for _, width in prefills)) in prefills  # the long prompt prefilled alone
 
 
+def test_prefill_parts_minimise_padding_plus_a_cost_per_part(monkeypatch):
+    monkeypatch.setattr(generation, "PREFILL_PART_TOKENS", 256)
+    assert generation._prefill_parts([20] * 8) == [8]  # equal lengths: one prefill
+    assert generation._prefill_parts([13, 16, 20, 25]) == [4]  # a few padded tokens are not worth a second call
+    # the quick study suite's longest group: two medium prompts padded to 532 would waste 768 tokens
+    assert generation._prefill_parts([132, 148, 363, 413, 447, 497, 532]) == [2, 5]
+    assert generation._prefill_parts([10] * 30 + [600]) == [30, 1]
+    assert generation._prefill_parts([]) == [] and generation._prefill_parts([7]) == [1]
+    for lengths in ([5, 9, 300, 301, 900], [1, 2, 3, 400, 800, 1200]):  # against every way to cut them
+        cost = lambda sizes: sum(k * lengths[sum(sizes[:i + 1]) - 1] + 256 for i, k in enumerate(sizes))
+        def splits(n):
+            return [[n]] + [[k] + rest for k in range(1, n) for rest in splits(n - k)]
+        assert cost(generation._prefill_parts(lengths)) == min(cost(s) for s in splits(len(lengths)))
+
+
+def test_a_group_of_mixed_lengths_prefills_in_parts_and_decodes_as_one_batch(chatty_pico, monkeypatch):
+    """Short prompts and one long one join together: the long one is prefilled apart (one token), then every row
+    decodes in one batch; the answers are those of one `generate` per prompt."""
+    bundle = chatty_pico
+    long_text = "Summarise this text. " + " ".join(f"Line {i} says the weather was fine." for i in range(40))
+    prompts = [Prompt(id=str(i), text=t) for i, t in enumerate(QUESTIONS[:8] + [long_text])]
+    monkeypatch.setattr(generation, "PREFILL_PART_TOKENS", 16)
+    calls = []
+    real_step = generation._step
+
+    def step(model, rows, **kwargs):
+        calls.append((len(rows.index), kwargs.get("new_tokens", generation.SEGMENT_TOKENS)))
+        return real_step(model, rows, **kwargs)
+
+    monkeypatch.setattr(generation, "_step", step)
+    decoding = generation.Decoding(max_new_tokens=12)
+    answers = generation.generate(bundle, prompts, decoding, batch_size=len(prompts))
+    assert answers == _naive(bundle, prompts, decoding)
+    prefills = [rows for rows, new in calls if new == 1]
+    assert len(prefills) > 1 and sum(prefills) == len(prompts) and 1 in prefills  # the long prompt apart
+    assert max(rows for rows, new in calls if new != 1) > max(prefills)  # and then decoded with the others
+
+
 def test_answers_reach_the_cache_as_they_finish_so_a_killed_run_keeps_them(chatty_pico, tmp_path):
     from vlsafe.eval.cache import Cache
 
