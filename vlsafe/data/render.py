@@ -119,15 +119,20 @@ def image_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def save_image(image: Image.Image, image_dir: str | Path) -> str:
-    """Writes `image` as PNG at `<image_dir>/<pixel hash>.png` (once; atomically) and returns the path."""
-    path = Path(image_dir) / f"{image_hash(image)[:24]}.png"
+def _write_once(path: Path, write) -> str:
+    """`write(tmp)` then a rename onto `path`, unless `path` exists: a content-named file is written once, and a
+    reader never sees it half-written. Returns the absolute path."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        image.save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     return str(path.resolve())
+
+
+def save_image(image: Image.Image, image_dir: str | Path) -> str:
+    """Writes `image` as PNG at `<image_dir>/<pixel hash>.png` (once; atomically) and returns the path."""
+    return _write_once(Path(image_dir) / f"{image_hash(image)[:24]}.png", lambda tmp: image.save(tmp, format="PNG"))
 
 
 def copy_image(source: str | Path, image_dir: str | Path) -> str:
@@ -135,13 +140,7 @@ def copy_image(source: str | Path, image_dir: str | Path) -> str:
     atomically): the same picture without drawing and encoding it again."""
     import shutil
 
-    path = Path(image_dir) / Path(source).name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
-    return str(path.resolve())
+    return _write_once(Path(image_dir) / Path(source).name, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def store_image_bytes(data: bytes, image_dir: str | Path) -> str:
@@ -151,10 +150,5 @@ def store_image_bytes(data: bytes, image_dir: str | Path) -> str:
     with Image.open(io.BytesIO(data)) as probe:
         suffix = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}.get(probe.format,
                                                                                                    ".img")
-    path = Path(image_dir) / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return str(path.resolve())
+    return _write_once(Path(image_dir) / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}", lambda tmp:
+                       tmp.write_bytes(data))
