@@ -172,6 +172,24 @@ def test_resume_after_interruption_equals_uninterrupted(work, monkeypatch, reque
     assert json.loads((run / "final" / "vlsafe.json").read_text())["provenance"]["precision"] == fields["dtype"]
 
 
+def test_adding_lora_prints_no_deprecation_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: that FutureWarning is
+    filtered where vlsafe adds LoRA, so it does not fill every LoRA stage's log."""
+    import warnings
+
+    from vlsafe.model import checkpoint
+    from vlsafe.train.config import LoraSpec
+    from vlsafe.train.stages import _add_lora
+
+    class Config:
+        lora = LoraSpec()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = _add_lora(checkpoint.load("pico").model, Config(), is_vlm=False)
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
 def test_lora_is_saved_as_plain_merged_weights(work):
     config = _config(work, "lora", stage="full", model=str(work / "vlm0"), data=str(work / "instruct.json"),
                      out=str(work / "lora"), lr=1e-2, batch_size=6, max_steps=2, save_every=2,
