@@ -54,7 +54,10 @@ def test_adapted_pico_vlm_names_held_out_colours(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(train))
     assert main(["build", "--llm", "pico", "--tower", "pico", "--out", str(tmp_path / "vlm0")]) == 0
     before = _accuracy(tmp_path / "vlm0", heldout)
-    for stage, model, out, lr, steps in [("projector", "vlm0", "s1", 1e-2, 20), ("full", "s1/final", "s2", 1e-2, 120)]:
+    # stage 2 at lr 3e-3 for 240 steps: 1.0 on four image seeds in fp32 and in bf16 alike on an Intel Xeon with AMX;
+    # at 1e-2 for 120 steps the outcome hung on the CPU's arithmetic (9 of 12 on an AMD EPYC, 8 of 12 there: blue
+    # answered "Green"), at 1e-3 nothing was learnt in 240 steps
+    for stage, model, out, lr, steps in [("projector", "vlm0", "s1", 1e-2, 20), ("full", "s1/final", "s2", 3e-3, 240)]:
         config = tmp_path / f"{stage}.yaml"
         config.write_text(yaml.safe_dump({"stage": stage, "model": str(tmp_path / model), "out": str(tmp_path / out),
                                           "data": str(tmp_path / "train.json"), "lr": lr, "batch_size": 12,
