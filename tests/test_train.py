@@ -440,3 +440,31 @@ def test_the_optimizer_is_fused_adamw_with_decay_only_on_matrices():
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]
+
+
+def test_cpu_training_attention_is_eager_with_the_loss_and_gradients_of_sdpa(work, adapted):
+    from vlsafe.data import formats
+    from vlsafe.model import checkpoint
+    from vlsafe.train import stages
+
+    bundle = checkpoint.load(work / "vlm0")
+    records = list(formats.load("llava", work / "instruct.json"))
+    user, answer = records[0].turns[:2]  # a shorter record, so the batch holds padded rows: masks matter
+    records.append(records[0].model_copy(update={"turns": [user, answer.model_copy(update={"content": "Red."})]}))
+    fmt = bundle.formatter(256)
+    batch = fmt.collate([fmt.encode_conversation(r) for r in records], "left")
+    assert (batch["attention_mask"] == 0).any()
+    results = {}
+    for device in ("cuda", "cpu"):  # "cuda" leaves the loaded implementation (sdpa) as it is
+        used = stages.training_attention(bundle.model, device)
+        bundle.model.zero_grad()
+        loss = bundle.model(**batch).loss
+        loss.backward()
+        results[used] = (float(loss.detach()), bundle.model.projector.parameters().__next__().grad.clone())
+    assert set(results) == {"sdpa", "eager"}
+    assert results["eager"][0] == pytest.approx(results["sdpa"][0], rel=1e-5)
+    assert torch.allclose(results["eager"][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)
+    # a CPU run records it, and the saved model loads with the implementation it was built with
+    _, stage2 = adapted
+    assert yaml.safe_load((stage2 / "config.yaml").read_text())["provenance"]["attention"] == "eager"
+    assert checkpoint.load(stage2 / "final").model.language_model.config._attn_implementation == "sdpa"

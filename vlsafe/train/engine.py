@@ -202,12 +202,13 @@ class Run:
         resume = resume_point(self.out, config.resolved(), [d["sha256"] for d in data_info])
         set_seed(config.seed)  # LoRA's initialisation and dropout draw from it
         model = stages.prepare_model(self.bundle.model, stage, config)
+        attention = stages.training_attention(model, self.accelerator.device.type)
         optimizer, scheduler, warmup = make_optimizer(model, config, self.total)
         self.provenance = {
             "data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
             "precision": self.precision, "processes": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type), "micro_batch": self.plan.micro_batch,
-            "allocator": allocator,
+            "allocator": allocator, "attention": attention,
             "steps": self.total, "warmup_steps": warmup, "steps_per_epoch": self.plan.steps_per_epoch,
             **stages.describe_trainable(model), "versions": versions(), "machine": machine()}
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
