@@ -455,8 +455,10 @@ def test_cpu_training_attention_is_eager_with_the_loss_and_gradients_of_sdpa(wor
     batch = fmt.collate([fmt.encode_conversation(r) for r in records], "left")
     assert (batch["attention_mask"] == 0).any()
     results = {}
-    for device in ("cuda", "cpu"):  # "cuda" leaves the loaded implementation (sdpa) as it is
-        used = stages.training_attention(bundle.model, device)
+    # a GPU, or a CPU run longer than EAGER_MAX_LENGTH, leaves the loaded implementation (sdpa) as it is
+    assert stages.training_attention(bundle.model, "cpu", stages.EAGER_MAX_LENGTH + 1) == "sdpa"
+    for device in ("cuda", "cpu"):
+        used = stages.training_attention(bundle.model, device, 256)
         bundle.model.zero_grad()
         loss = bundle.model(**batch).loss
         loss.backward()

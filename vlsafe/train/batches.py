@@ -24,7 +24,7 @@ import torch
 from vlsafe.errors import VlsafeError
 
 GROUP_BATCHES = 32  # batches per length-sorting window: large enough to find look-alikes, small enough to mix
-_CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4
 
 
 def record_length(record, image_tokens: int = 0) -> int:
@@ -33,7 +33,7 @@ def record_length(record, image_tokens: int = 0) -> int:
         text = sum(len(turn.content) for turn in record.turns)
     else:  # a preference pair: the longer of its two conversations is what its rows pad to
         text = len(record.prompt) + max(len(record.chosen), len(record.rejected))
-    return text + (_CHARS_PER_TOKEN * image_tokens if getattr(record, "image", None) else 0)
+    return text + (CHARS_PER_TOKEN * image_tokens if getattr(record, "image", None) else 0)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,12 @@ from vlsafe.errors import VlsafeError
 from vlsafe.model.chat import IGNORE_INDEX
 from vlsafe.train import stages
 from vlsafe.train import state as training_state
-from vlsafe.train.batches import BatchPlan, EncodedRecords, micro_batch_loader, record_length
+from vlsafe.train.batches import CHARS_PER_TOKEN, BatchPlan, EncodedRecords, micro_batch_loader, record_length
 from vlsafe.train.checkpoints import RunLog, clean_partials, resume_point, write_checkpoint
 from vlsafe.train.config import TrainConfig
+
+# a chat template's own tokens (system prompt, role markers) beyond a record's text, for the longest-batch bound
+TEMPLATE_TOKENS = 64
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
@@ -202,7 +205,10 @@ class Run:
         resume = resume_point(self.out, config.resolved(), [d["sha256"] for d in data_info])
         set_seed(config.seed)  # LoRA's initialisation and dropout draw from it
         model = stages.prepare_model(self.bundle.model, stage, config)
-        attention = stages.training_attention(model, self.accelerator.device.type)
+        # the tokens a batch can reach: the cap, or the longest record (by its characters) where that is shorter
+        longest = max(lengths or [record_length(r, image_tokens) for r in records]) // CHARS_PER_TOKEN
+        attention = stages.training_attention(model, self.accelerator.device.type,
+                                              min(config.max_length, longest + TEMPLATE_TOKENS))
         optimizer, scheduler, warmup = make_optimizer(model, config, self.total)
         self.provenance = {
             "data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
