@@ -470,3 +470,20 @@ def test_cpu_training_attention_is_eager_with_the_loss_and_gradients_of_sdpa(wor
     _, stage2 = adapted
     assert yaml.safe_load((stage2 / "config.yaml").read_text())["provenance"]["attention"] == "eager"
     assert checkpoint.load(stage2 / "final").model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_a_run_killed_while_opening_its_folder_starts_afresh_and_a_foreign_folder_is_refused(tmp_path):
+    from vlsafe.errors import VlsafeError
+    from vlsafe.train.checkpoints import resume_point
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)  # what `_open_run_dir` makes before config.yaml
+    (out / ".config.yaml.tmp").write_text("stage: full\n")
+    assert resume_point(out, {}, []) is None
+    (out / "notes.txt").write_text("someone else's")
+    with pytest.raises(VlsafeError, match="not a vlsafe training run"):
+        resume_point(out, {}, [])
+    (out / "notes.txt").unlink()
+    (out / "checkpoints" / "step-2").mkdir()  # a checkpoint without config.yaml is not a leftover of opening
+    with pytest.raises(VlsafeError, match="not a vlsafe training run"):
+        resume_point(out, {}, [])

@@ -41,6 +41,14 @@ def latest_checkpoint(out: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+def _opening_leftover(path: Path) -> bool:
+    """What a run killed while opening its directory leaves before config.yaml: an empty checkpoints/ and the
+    config's temporary file (the engine's `_open_run_dir`); such a folder starts afresh."""
+    if path.name == "checkpoints" and path.is_dir():
+        return not any(path.iterdir())
+    return path.name == ".config.yaml.tmp" and path.is_file()
+
+
 def resume_point(out: Path, resolved: dict, data_hashes: list[str]) -> tuple[int, Path | None] | None:
     """None for a fresh run; (step, checkpoint or None) to continue an interrupted run of the same config.
 
@@ -52,7 +60,7 @@ def resume_point(out: Path, resolved: dict, data_hashes: list[str]) -> tuple[int
     if out.is_file():
         raise VlsafeError(f"{out}: output path is a file")
     if not (out / "config.yaml").is_file():
-        if any(out.iterdir()):
+        if any(not _opening_leftover(path) for path in out.iterdir()):
             raise VlsafeError(f"{out}: output path exists and is not a vlsafe training run (choose a new one)")
         return None
     if (out / "final").exists():
