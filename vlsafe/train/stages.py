@@ -213,7 +213,8 @@ def training_attention(model: torch.nn.Module, device_type: str, max_length: int
     4.39-4.82; in fp32 the same time and the same gradients. In a stage-1 step the flash backward was 24% of the time.
     The choice lives in the in-memory config only (`config.json` does not carry it), so saved checkpoints load as
     before; GPUs, and runs longer than EAGER_MAX_LENGTH, keep their implementation."""
-    language_model = getattr(plain_model(model), "language_model", plain_model(model))
+    inner = plain_model(model)
+    language_model = getattr(inner, "language_model", inner)  # a VLM trains its LM's attention
     config = getattr(language_model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     short = max_length is not None and max_length <= EAGER_MAX_LENGTH
