@@ -487,3 +487,41 @@ def test_a_run_killed_while_opening_its_folder_starts_afresh_and_a_foreign_folde
     (out / "checkpoints" / "step-2").mkdir()  # a checkpoint without config.yaml is not a leftover of opening
     with pytest.raises(VlsafeError, match="not a vlsafe training run"):
         resume_point(out, {}, [])
+
+
+def test_frozen_layers_cast_once_with_the_loss_and_gradients_of_autocast(work):
+    from vlsafe.data import formats
+    from vlsafe.model import checkpoint
+    from vlsafe.train import stages
+
+    bundle = checkpoint.load(work / "vlm0")
+    model = bundle.model
+    for name, parameter in model.named_parameters():  # stage 1: the projector trains, the rest is frozen
+        parameter.requires_grad_(name.startswith("projector."))
+    fmt = bundle.formatter(256)
+    batch = fmt.collate([fmt.encode_conversation(r) for r in formats.load("llava", work / "instruct.json")], "left")
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach().clone(), [p.grad.clone() for p in model.projector.parameters()]
+
+    plain = loss_and_grads()
+    assert stages.cache_frozen_casts(model, "fp32", "cpu") == 0 and stages.cache_frozen_casts(model, "bf16", "cuda") == 0
+    frozen = sum(type(m) is torch.nn.Linear and not m.weight.requires_grad for m in model.modules())
+    assert stages.cache_frozen_casts(model, "bf16", "cpu") == frozen > 0
+    for _ in range(2):  # the first call makes the copies, the second reads them
+        cached = loss_and_grads()
+        assert torch.equal(cached[0], plain[0])
+        assert all(torch.equal(a, b) for a, b in zip(cached[1], plain[1]))
+    # a weight written in place (a merge, a load) is cast again, not read stale
+    layer = next(m for m in model.language_model.modules() if type(m) is torch.nn.Linear)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        patched = layer(torch.ones(2, layer.in_features))
+    expected = torch.nn.functional.linear(torch.ones(2, layer.in_features), layer.weight.to(torch.bfloat16).float())
+    assert torch.allclose(patched.float(), expected, rtol=1e-2)
+    assert not torch.equal(cached[0], loss_and_grads()[0])

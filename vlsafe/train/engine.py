@@ -209,6 +209,7 @@ class Run:
         longest = max(lengths or [record_length(r, image_tokens) for r in records]) // CHARS_PER_TOKEN
         attention = stages.training_attention(model, self.accelerator.device.type,
                                               min(config.max_length, longest + TEMPLATE_TOKENS))
+        stages.cache_frozen_casts(model, self.precision, self.accelerator.device.type)
         optimizer, scheduler, warmup = make_optimizer(model, config, self.total)
         self.provenance = {
             "data": data_info, "model": {"spec": config.model, "content_sha256": _model_hash(config.model)},
