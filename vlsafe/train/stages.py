@@ -229,10 +229,10 @@ def cache_frozen_casts(model: torch.nn.Module, precision: str, device_type: str)
     """Frozen linear layers keep a bf16 copy of their weight for bf16 mixed precision on a CPU; returns how many.
 
     Autocast caches the bf16 cast of a weight only while it trains (a leaf that requires grad): a frozen weight (the
-    LM and the tower in stage 1, LoRA's base layers) is cast again at every forward, and in a stage-1 step on 2
-    cores those casts were 15% of the time. The copy is the same cast made once (remade if the weight is written), so
-    the loss and the gradients are those of plain autocast, bit for bit (test). Only on a CPU: on a GPU the cast is
-    cheap and the copy would cost memory a 7B model's LoRA run does not have."""
+    LM in stage 1, LoRA's base layers) is cast again at every forward. The copy is the same cast made once (remade if
+    the weight is written), so the loss and the gradients are those of plain autocast, bit for bit (test). Measured
+    on the default profile's stage 1 on 2 cores of an Intel Xeon with AMX: 1.157 against 1.199 s a step. Only on a
+    CPU: on a GPU the cast is cheap and the copy would cost memory a 7B model's LoRA run does not have."""
     if precision != "bf16" or device_type != "cpu":
         return 0
     count = 0
