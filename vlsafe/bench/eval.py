@@ -98,7 +98,7 @@ def _parted(bundle, prompts, naive_ids: list[list[int]], batched: list[str]) -> 
     return rows
 
 
-def run(model: str = "smollm2-135m-instruct", n: int = 32, max_new_tokens: int = 32, batch_size: int = 32,
+def run(model: str = "smollm2-135m-instruct", n: int = 64, max_new_tokens: int = 32, batch_size: int = 64,
         threads: int | None = None, dtype: str = "fp32", peak_size: int = 2048) -> dict:
     import torch
 

@@ -77,9 +77,10 @@ def _parted(report: dict) -> str:
 
 @bench_app.command("eval")
 def bench_eval(model: str = typer.Option("smollm2-135m-instruct", "--model"),
-               n: int = typer.Option(32, "--n", min=1, help="Prompts (benign, from the project's sets)."),
+               n: int = typer.Option(64, "--n", min=1, help="Prompts (benign, from the project's sets)."),
                max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-               batch_size: int = typer.Option(32, "--batch-size", min=1),
+               batch_size: int = typer.Option(64, "--batch-size", min=1,
+                                               help="The batched engine's rows (the study profiles evaluate at 64)."),
                threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                                      help="torch threads for both sides (default: torch's)."),
                dtype: str = typer.Option("fp32", "--dtype", help="fp32 (what `vlsafe eval` runs by default) | bf16 "
