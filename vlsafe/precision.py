@@ -12,6 +12,14 @@ answers are the measurement: on the default study's adapted VLM (SmolLM2-135M + 
 suite), fp32 at batch 32 and at batch 8 wrote the same 520 answers, while bf16 wrote other words for 204 of them and
 changed the default judge's verdict on 42 of 360 safety items (88% agreement) and whether 8 of 160 answers to
 questions with a known answer were right.
+What fp32 evaluation costs, measured on 2 threads of an Intel Xeon with AMX (amx_bf16, avx512_fp16): prefill, most of
+an evaluation's time, runs SmolLM2-135M's linear layers at 200-270 GFLOP/s in fp32 against a 2048 x 2048 matmul's
+~320, so fp32 evaluation is near that machine's fp32 limit; the rest is bf16's (AMX: 2-7x on these shapes). Ways to
+keep fp32-like answers at bf16 speed were timed on decoding's shapes ([64, 576] x [576, 1536]) and do not pay:
+torch has no CPU bf16 x bf16 -> fp32 matmul, so a split (hi + lo) product goes through oneDNN's fp32 path with bf16
+math (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`): its three products took 0.99 ms against fp32's 0.57
+(error 1e-5 against 1e-6; bf16 7e-3); fp16 matmuls (error 9e-4) ran slower than fp32 in the same run: 4.2 against
+1.4 ms at 64 rows, 14.4 against 13.0 at 1024.
 Training stays in bf16 where the hardware runs it natively: what it computes is a loss, not an argmax.
 
 The rule for `auto`: on a CUDA GPU, bf16 if `torch.cuda.is_bf16_supported()`; on a CPU, bf16 if its flags (Linux
