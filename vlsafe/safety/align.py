@@ -94,8 +94,9 @@ def own_answers(model: str, prompts: list[Prompt], max_new_tokens: int, cache_pa
                 temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
     """The model's answers before any tuning (greedy; sampled at `temperature` > 0), through the project's
     generation cache; `show_progress`: the answers so far on stderr (vlsafe/progress.py). Batches of 64 rows, as
-    the study profiles evaluate: greedy fp32 answers do not depend on the batch, and SmolLM2-135M's 301 benign
-    answers (32 new tokens) took 34-35 s at 64 against 51-56 s at 16, all 301 identical."""
+    the study profiles evaluate: SmolLM2-135M's 301 benign answers (32 new tokens) took 34-35 s at 64 against 51-56 s
+    at 16, all 301 identical; at 64 new tokens one of them parts ways a few words in (fp32 rounds with the batch's
+    shape, and a near-tie falls the other way), so align data made at another batch is not byte-identical."""
     from vlsafe.eval.cache import Cache
     from vlsafe.eval.generate import Decoding, generate, model_fingerprint
     from vlsafe.model import checkpoint

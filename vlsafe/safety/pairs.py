@@ -56,8 +56,8 @@ def build(model: str, out: str | Path, n_harmful: int = 100, n_benign: int = 60,
             # harmful: sampled, so the rejected answer is one the model plausibly gives, not only its greedy one
             sampled = generate(bundle, prompts[:len(harmful)], Decoding(max_new_tokens, do_sample=True, seed=seed),
                                cache=cache, progress=bar.advance)
-            # greedy: the same answers at any batch, so as wide as the study's evaluation (the sampled ones keep
-            # the default batch: which rows share a step decides their random draws)
+            # greedy: the same answers at any batch up to near-ties, so as wide as the study's evaluation (the
+            # sampled ones keep the default batch: which rows share a step decides their random draws)
             greedy = generate(bundle, prompts[len(harmful):], Decoding(max_new_tokens), batch_size=64, cache=cache,
                               progress=bar.advance)
     finally:
