@@ -187,8 +187,8 @@ def evaluate(model: str, suite: str, out: str | Path, judges: list[str] | None =
     replaces the suite's judges (`judge`, one name, is the older spelling of `judges=[judge]`); `data` maps suite
     entry names to local files of published benchmarks (`--data NAME=PATH`). `dtype`: the generation precision
     (fp32 | bf16 | auto; auto = bf16 where the hardware has it, see vlsafe/precision.py). fp32 by default: greedy
-    answers in fp32 move with the batch only at near-ties, while bf16 rounding changes enough of them to move the verdicts
-    (vlsafe/precision.py has the measurement). `show_progress`: the items generated so far on stderr
+    answers in fp32 move with the batch only at near-ties, while bf16 rounding changes enough of them to move the
+    verdicts (vlsafe/precision.py has the measurement). `show_progress`: the items generated so far on stderr
     (vlsafe/progress.py)."""
     import numpy
 
