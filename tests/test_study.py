@@ -262,6 +262,35 @@ def test_the_estimate_scales_to_this_machines_matmul_peak(tmp_path, monkeypatch)
     assert "100 GFLOP/s against the profile's bf16 reference 200" in plan.cost_note
 
 
+def test_stages_that_compute_in_fp32_scale_by_the_fp32_peak(tmp_path, monkeypatch):
+    """On a CPU that trains in bf16, evaluation in fp32, the data builders' answers and the analysis are estimated
+    from the fp32 peaks (this machine's against the profile's `reference_fp32_flops`), training from the bf16 ones;
+    an evaluation in bf16 follows training. No key changes."""
+    from vlsafe import precision
+    from vlsafe.bench import limits
+    from vlsafe.study.run import FP32_KINDS, prepare
+
+    import torch
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    peaks = {torch.float32: 5e10, torch.bfloat16: 4e11}
+    monkeypatch.setattr(limits, "matmul_peak", lambda dtype, size, seconds, device="cpu": peaks[dtype])
+    _, _, plain, _ = prepare(_config(tmp_path, "plain"), None)
+    cost = {"reference_bf16_flops": 8e11, "reference_fp32_flops": 1.5e11}
+    _, plan, scaled, _ = prepare(_config(tmp_path, "scaled", cost=cost), None)
+    assert [s.key for s in scaled] == [s.key for s in plain]
+    in_fp32 = {s.name for s in plain if s.kind in FP32_KINDS}
+    assert {s.kind for s in plain if s.name in in_fp32 and s.cost_s > 0} >= {"eval", "analysis"}
+    assert any(s.kind == "train" and s.cost_s > 0 for s in plain)
+    for a, b in zip(plain, scaled):
+        assert b.cost_s == pytest.approx((3 if a.name in in_fp32 else 2) * a.cost_s), a.name
+    assert "its fp32 stages x3.00: fp32 matmul 50 GFLOP/s against 150" in plan.cost_note
+    _, _, bf16_eval, _ = prepare(_config(tmp_path, "bf16-eval", cost=cost, eval={"dtype": "bf16"}), None)
+    _, _, bf16_plain, _ = prepare(_config(tmp_path, "bf16-plain", eval={"dtype": "bf16"}), None)
+    for a, b in zip(bf16_plain, bf16_eval):
+        assert b.cost_s == pytest.approx((3 if a.kind in FP32_KINDS and a.kind != "eval" else 2) * a.cost_s), a.name
+
+
 def test_the_estimate_scales_with_the_llms_parameters_per_token(tmp_path, monkeypatch):
     """A config naming an LLM three times the size of the one its cost constants were measured with is estimated
     three times as long (FLOPs per token); an LLM of unknown size keeps the estimate as it is. No key changes."""

@@ -103,6 +103,10 @@ class CostModel(Strict):
     # when set, every estimate is scaled by it over this machine's peak (in the precision the study will use), so
     # a CPU half as fast gets an ETA twice as long; None: the constants as they are
     reference_bf16_flops: float | None = None
+    # the fp32 matmul peak of that same machine: the stages that compute in fp32 there too (evaluation at
+    # `eval.dtype: fp32`, the data builders' own answers, the legibility probe, the layer analysis) are scaled by
+    # it over this machine's fp32 peak instead; None: by the bf16 ratio, as training
+    reference_fp32_flops: float | None = Field(None, gt=0)
     # the same constants measured on a CPU without native bf16 (training in fp32 there, as evaluation is on both),
     # with that CPU's fp32 peak: such a machine's estimate uses these, scaled by fp32 peaks; None: the constants
     # above, scaled by the bf16 reference over this machine's fp32 peak (which overstated such a CPU about 5x)

@@ -45,25 +45,40 @@ def describe(plan: Plan, ordered: list[Stage], out: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def machine_scale(config: StudyConfig) -> tuple[float, str]:
-    """(factor, note): the reference matmul peak of this machine's cost constants (plan.machine_costs: the bf16
-    set, or the fp32 set on a CPU without native bf16) over this machine's peak in the same precision; (1.0, "")
-    without a reference or on a GPU, whose speed the profile's constants do not describe."""
+# the stages whose arithmetic is fp32 on a machine that trains in bf16: generation (evaluation when `eval.dtype`
+# resolves to fp32, the data builders' own answers, the legibility probe) and the layer analysis's forward passes
+FP32_KINDS = ("eval", "align-data", "pairs", "legibility", "analysis")
+
+
+def machine_scale(config: StudyConfig) -> tuple[float, float, str]:
+    """(factor, fp32 factor, note): the reference matmul peak of this machine's cost constants (plan.machine_costs:
+    the bf16 set, or the fp32 set on a CPU without native bf16) over this machine's peak in the same precision; the
+    fp32 factor, for FP32_KINDS, is the bf16 set's `reference_fp32_flops` over this machine's fp32 peak (the factor
+    itself without that reference or on the fp32 set); (1.0, 1.0, "") without a reference or on a GPU, whose speed
+    the profile's constants do not describe. On a CPU with AMX single bf16 readings swing 550-3100 GFLOP/s while
+    fp32 ones stay near 320, and evaluation in fp32 is most of a study's time."""
     import torch
 
     from vlsafe.study.plan import machine_costs
 
     _, reference, measured_in, _ = machine_costs(config)
     if reference is None or torch.cuda.is_available():
-        return 1.0, ""
+        return 1.0, 1.0, ""
     from vlsafe.bench.limits import matmul_peak
     from vlsafe.precision import resolve, torch_dtype
 
     name = resolve("auto", "cpu")  # the bf16 set on a CPU without native bf16 (no fp32 set): its fp32 peak
     peak = matmul_peak(torch_dtype(name), 2048, 2.0)  # best of several: one 2048 fp32 matmul takes 0.2-0.4 s
     factor = reference / peak
-    return factor, (f"scaled x{factor:.2f} to this machine: {name} matmul {peak / 1e9:.0f} GFLOP/s against the "
-                    f"profile's {measured_in} reference {reference / 1e9:.0f}")
+    note = (f"scaled x{factor:.2f} to this machine: {name} matmul {peak / 1e9:.0f} GFLOP/s against the "
+            f"profile's {measured_in} reference {reference / 1e9:.0f}")
+    fp32_reference = config.cost.reference_fp32_flops if measured_in == "bf16" and name == "bf16" else None
+    if fp32_reference is None:
+        return factor, factor, note
+    fp32_peak = matmul_peak(torch.float32, 2048, 2.0)
+    fp32_factor = fp32_reference / fp32_peak
+    return factor, fp32_factor, (f"{note}; its fp32 stages x{fp32_factor:.2f}: fp32 matmul {fp32_peak / 1e9:.0f} "
+                                 f"GFLOP/s against {fp32_reference / 1e9:.0f}")
 
 
 def model_scale(config: StudyConfig) -> tuple[float, str]:
@@ -88,15 +103,17 @@ def prepare(config_path: str | Path | None, profile: str | None) -> tuple[StudyC
 
     config, source = load_study(config_path, profile)
     plan = build_plan(config, str(source))
+    eval_dtype = "fp32"
     try:  # a precision this machine cannot run fails before any work, not after hours of training
-        precision.resolve(config.eval.dtype, precision.device_type())
+        eval_dtype = precision.resolve(config.eval.dtype, precision.device_type())
     except VlsafeError as err:
         plan.unrunnable.append(f"eval.dtype: {err}")
     ordered = plan.dag.assign_keys(_fingerprint_or_missing)
-    (by_machine, on_machine), (by_model, on_model) = machine_scale(config), model_scale(config)
-    factor, plan.cost_note = by_machine * by_model, "; ".join(n for n in (on_machine, on_model) if n)
+    (by_machine, fp32_machine, on_machine), (by_model, on_model) = machine_scale(config), model_scale(config)
+    plan.cost_note = "; ".join(n for n in (on_machine, on_model) if n)
     for stage in ordered:
-        stage.cost_s *= factor
+        in_fp32 = stage.kind in FP32_KINDS and (stage.kind != "eval" or eval_dtype == "fp32")
+        stage.cost_s *= (fp32_machine if in_fp32 else by_machine) * by_model
     return config, plan, ordered, source
 
 
