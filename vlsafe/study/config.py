@@ -100,8 +100,9 @@ class CostModel(Strict):
     merge_s: float = 10.0
     image_s: float = 0.01  # per corpus image drawn
     # the bf16 matmul peak (FLOP/s, `vlsafe bench`'s 2048 x 2048) of the machine these constants were measured on:
-    # when set, every estimate is scaled by it over this machine's peak (in the precision the study will use), so
-    # a CPU half as fast gets an ETA twice as long; None: the constants as they are
+    # when set, the estimates are scaled by it over this machine's peak (in the precision the study will use; the
+    # fp32 stages by reference_fp32_flops where given), so a CPU half as fast gets an ETA twice as long; None: the
+    # constants as they are
     reference_bf16_flops: float | None = None
     # the fp32 matmul peak of that same machine: the stages that compute in fp32 there too (evaluation at
     # `eval.dtype: fp32`, the data builders' own answers, the legibility probe, the layer analysis) are scaled by

@@ -56,7 +56,7 @@ def machine_scale(config: StudyConfig) -> tuple[float, float, str]:
     fp32 factor, for FP32_KINDS, is the bf16 set's `reference_fp32_flops` over this machine's fp32 peak (the factor
     itself without that reference or on the fp32 set); (1.0, 1.0, "") without a reference or on a GPU, whose speed
     the profile's constants do not describe. On a CPU with AMX single bf16 readings swing 550-3100 GFLOP/s while
-    fp32 ones stay near 320, and evaluation in fp32 is most of a study's time."""
+    fp32 ones stay within 320-400, and evaluation in fp32 is most of a study's time."""
     import torch
 
     from vlsafe.study.plan import machine_costs
