@@ -310,14 +310,9 @@ def rows_last_linear(model, on: bool) -> None:
     same product as W @ x.T 40-60 (the LM head 43); at a thousand rows and more both run at the peak. Batched
     greedy decoding of SmolLM2-135M: 43 -> 55 new tokens/s, the same 32 answers. Training is left alone: the
     swap applies only where gradients are off (generation runs under inference mode)."""
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:  # a subclass (LoRA, quantised) computes its own way
-            continue
-        ours = getattr(vars(module).get("forward"), "func", None) is _linear_rows_last
-        if on and "forward" not in vars(module):  # a forward set by another library (accelerate's hooks) stays
-            module.forward = functools.partial(_linear_rows_last, module)
-        elif not on and ours:
-            del module.forward
+    from vlsafe.model.linear import swap_linear_forwards
+
+    swap_linear_forwards(model, _linear_rows_last, on)
 
 
 def _linear_rows_last(module, x: torch.Tensor) -> torch.Tensor:

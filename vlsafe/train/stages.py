@@ -23,7 +23,6 @@ before step 1 (DPO's reference log-probs). The defaults are those of supervised 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import warnings
@@ -233,15 +232,11 @@ def cache_frozen_casts(model: torch.nn.Module, precision: str, device_type: str)
     the weight is written), so the loss and the gradients are those of plain autocast, bit for bit (test). Measured
     on the default profile's stage 1 on 2 cores of an Intel Xeon with AMX: 1.157 against 1.199 s a step. Only on a
     CPU: on a GPU the cast is cheap and the copy would cost memory a 7B model's LoRA run does not have."""
+    from vlsafe.model.linear import swap_linear_forwards
+
     if precision != "bf16" or device_type != "cpu":
         return 0
-    count = 0
-    for module in plain_model(model).modules():
-        # a subclass computes its own way; a forward set by another library (accelerate's hooks) stays
-        if type(module) is torch.nn.Linear and not module.weight.requires_grad and "forward" not in vars(module):
-            module.forward = functools.partial(_linear_cast_once, module)
-            count += 1
-    return count
+    return swap_linear_forwards(plain_model(model), _linear_cast_once, where=lambda m: not m.weight.requires_grad)
 
 
 def _linear_cast_once(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
