@@ -11,7 +11,10 @@ Evaluation generates in fp32 unless asked otherwise (`vlsafe eval --dtype`, a st
 answers are the measurement: on the default study's adapted VLM (SmolLM2-135M + EfficientNet-Lite0, its 520-item
 suite), fp32 at batch 32 and at batch 8 wrote the same 520 answers, while bf16 wrote other words for 204 of them and
 changed the default judge's verdict on 42 of 360 safety items (88% agreement) and whether 8 of 160 answers to
-questions with a known answer were right.
+questions with a known answer were right. fp32 is not batch-independent either, only far less moved: its rounding
+follows the batch's shape, so a near-tie can fall the other way. The base SmolLM2-135M-Instruct's 301 align-data
+answers (64 new tokens) at batch 16 and at batch 64 differ in one, a few words in, while batch 16 on one machine
+gave the 294 answers the align data keeps exactly as the default study's earlier run at batch 16 did on another.
 What fp32 evaluation costs, measured on 2 threads of an Intel Xeon with AMX (amx_bf16, avx512_fp16): prefill, most of
 an evaluation's time, runs SmolLM2-135M's linear layers at 200-270 GFLOP/s in fp32 against a 2048 x 2048 matmul's
 ~320, so fp32 evaluation is near that machine's fp32 limit; the rest is bf16's (AMX: 2-7x on these shapes). Ways to
