@@ -46,3 +46,29 @@ def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, 
 def test_bench_train_needs_two_steps(capsys):
     assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--steps", "1"]) == 2
 
+
+
+def test_bench_train_stage_one_trains_the_projector_alone_on_both_sides(capsys, monkeypatch):
+    """`--stage projector`: both sides train the projector on the captions with the LM frozen (the same losses step
+    for step), and a token counts 4 x the LM's parameters (forward, then activation gradients only)."""
+    from vlsafe.model import checkpoint
+
+    loaded, load = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    assert main(["bench", "train", "--stage", "projector", "--llm", "pico", "--tower", "pico", "--steps", "3",
+                 "--batch-size", "2", "--dtype", "fp32", "--peak-size", "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, base = report["vlsafe"], report["transformers_trainer"]
+    assert report["stage"] == "projector" and ours["tokens"] == base["tokens"] > 0
+    assert abs(ours["final_loss"] - base["final_loss"]) < 1e-4
+    trainer_model = loaded[-1].model  # the Trainer's side loads last
+    trained = {n.split(".")[0] for n, p in trainer_model.named_parameters() if p.requires_grad}
+    assert trained == {"projector"}
+    from vlsafe.bench.limits import model_params
+
+    assert report["flops_per_token"] == 4 * model_params(trainer_model)
+
+
+def test_bench_train_refuses_an_unknown_stage(capsys):
+    assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--stage", "dpo"]) == 2
+    assert "--stage 'dpo'" in capsys.readouterr().err

@@ -1,12 +1,14 @@
-"""`vlsafe bench train`: stage-2 training throughput of vlsafe's engine against a plain `transformers.Trainer`,
-and how far each is from the machine's limit.
+"""`vlsafe bench train`: training throughput of vlsafe's engine against a plain `transformers.Trainer`, and how far
+each is from the machine's limit.
 
-Both train the same VLM (VLM@0 of the chosen LLM and tower) on the same batches of the built-in corpus's stage-2
-conversations (the engine's length-grouped batch plan, fed to the Trainer in order), in the same precision, with
-the same learning rate and step count, one after the other in this process. Throughput is input tokens
-(non-padding) per second over the steps after the first (which pays one-off costs). The matmul peak (fp32 and
-bf16) is measured in the same run, and MFU is reported against the bf16 peak (fp32 where the hardware has no
-native bf16; see limits.py).
+Both train the same VLM (VLM@0 of the chosen LLM and tower) on the same batches of the built-in corpus (the
+engine's length-grouped batch plan, fed to the Trainer in order), in the same precision, with the same learning
+rate and step count, one after the other in this process. `--stage full` (stage 2: projector + LM on the
+conversations) or `--stage projector` (stage 1: the projector alone on the captions, the LM frozen: its backward
+pass computes activation gradients only, so a token costs 4 x the LM's parameters in FLOPs instead of 6 x).
+Throughput is input tokens (non-padding) per second over the steps after the first (which pays one-off costs). The
+matmul peak (fp32 and bf16) is measured in the same run, and MFU is reported against the bf16 peak (fp32 where the
+hardware has no native bf16; see limits.py).
 
 A shared or throttled machine drifts between the two sides' minutes (one ratio on a 2-core cloud CPU ranged over
 1.07-1.28 in single runs of the same tree): `--rounds N` runs the pair N times, the order alternating (vlsafe
@@ -14,6 +16,7 @@ first in even rounds, the Trainer first in odd ones), each round from the same V
 figures pool its rounds (tokens over seconds); `ratio` is the pooled ratio, and `rounds` lists each round's own.
 
     vlsafe bench train --llm smollm2-135m-instruct --tower efficientnet-lite0 --steps 4 --json
+    vlsafe bench train --stage projector --steps 12
 """
 
 from __future__ import annotations
@@ -28,18 +31,22 @@ import torch
 from vlsafe.errors import VlsafeError
 
 
-def _corpus(root: Path, n: int, seed: int) -> Path:
+# stage -> (corpus file, learning rate, FLOPs per token per LM parameter)
+STAGES = {"full": ("stage2_instruct.json", 2e-5, 6), "projector": ("stage1_captions.json", 1e-3, 4)}
+
+
+def _corpus(root: Path, n: int, seed: int, stage: str) -> Path:
     from vlsafe.data.synthetic import write_corpus
 
     write_corpus(root / "synth", n=n, seed=seed)
-    return root / "synth" / "stage2_instruct.json"
+    return root / "synth" / STAGES[stage][0]
 
 
-def _config(model_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float, max_length: int,
-            precision: str):
+def _config(stage: str, model_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float,
+            max_length: int, precision: str):
     from vlsafe.train.config import TrainConfig
 
-    return TrainConfig(stage="full", model=str(model_dir), data=[{"path": str(data)}], out=str(out), lr=lr,
+    return TrainConfig(stage=stage, model=str(model_dir), data=[{"path": str(data)}], out=str(out), lr=lr,
                        batch_size=batch_size, max_steps=steps, warmup_ratio=0.0, max_length=max_length,
                        save_every=0, log_every=1, dtype=precision)
 
@@ -65,8 +72,9 @@ def run_trainer(config, out: Path) -> dict:
 
     bundle = checkpoint.load(config.model)
     fmt = bundle.formatter(max_length=config.max_length)
-    for name, param in bundle.model.named_parameters():  # stage 2 trains projector + LM, as the engine does
-        param.requires_grad = not name.startswith("vision_tower.")
+    trained = ("projector.",) if config.stage == "projector" else ("projector.", "language_model.")
+    for name, param in bundle.model.named_parameters():  # what the engine's stage trains
+        param.requires_grad = name.startswith(trained)
     # the frozen tower stays in eval mode, as the engine keeps it: the Trainer's model.train() at every step would
     # put its BatchNorm layers (EfficientNet's) on batch statistics and update their running stats, another function
     tower = bundle.model.vision_tower
@@ -127,8 +135,11 @@ def _pooled(results: list[dict]) -> dict:
             "steps_timed": sum(r["steps_timed"] for r in results), "final_loss": results[-1]["final_loss"]}
 
 
-def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2e-5, max_length: int = 512,
-        n: int = 64, seed: int = 0, dtype: str = "auto", peak_size: int = 2048, rounds: int = 1) -> dict:
+def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float | None = None, max_length: int = 512,
+        n: int = 64, seed: int = 0, dtype: str = "auto", peak_size: int = 2048, rounds: int = 1,
+        stage: str = "full") -> dict:
+    if stage not in STAGES:
+        raise VlsafeError(f"--stage {stage!r}: full (stage 2) or projector (stage 1)")
     if steps < 2:
         raise VlsafeError("--steps must be at least 2 (the first step is not timed)")
     if rounds < 1:
@@ -146,13 +157,14 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="vlsafe-bench-train-") as tmp:
         root = Path(tmp)
-        data = _corpus(root, n, seed)
+        data = _corpus(root, n, seed, stage)
         vlm = checkpoint.build_vlm(llm, tower, seed=seed)
-        flops_per_token = 6 * limits.model_params(vlm.model)
+        flops_per_token = STAGES[stage][2] * limits.model_params(vlm.model)
         checkpoint.save(vlm, root / "vlm0")
         results: dict[str, list[dict]] = {"vlsafe": [], "transformers_trainer": []}
         for r in range(rounds):
-            config = _config(root / "vlm0", data, root / f"ours-{r}", steps, batch_size, lr, max_length, precision)
+            config = _config(stage, root / "vlm0", data, root / f"ours-{r}", steps, batch_size,
+                             STAGES[stage][1] if lr is None else lr, max_length, precision)
             order = ["vlsafe", "transformers_trainer"][:: 1 if r % 2 == 0 else -1]
             for side in order:
                 results[side].append(run_vlsafe(config) if side == "vlsafe"
@@ -164,7 +176,7 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float = 2
     for side in sides.values():
         side |= {"precision": precision,
                  "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
-    return {"bench": "train", "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
+    return {"bench": "train", "stage": stage, "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
             "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
             "precision": precision,
             "peak": peak, "flops_per_token": flops_per_token, **sides,

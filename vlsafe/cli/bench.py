@@ -45,19 +45,21 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
                 peak_size: int = typer.Option(2048, "--peak-size", min=16, help="matmul size of the peak measure."),
                 rounds: int = typer.Option(1, "--rounds", min=1, help="run the pair N times, alternating which goes first; "
                                                                "each side pools its rounds, each round's ratio listed"),
+                stage: str = typer.Option("full", "--stage", help="full (stage 2: projector + LM) | projector "
+                                                                   "(stage 1: the projector alone, the LM frozen)"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
-    """Stage-2 tokens/s and MFU: vlsafe's engine vs a plain transformers.Trainer, same model, batches and
+    """Training tokens/s and MFU: vlsafe's engine vs a plain transformers.Trainer, same model, batches and
     precision, against the matmul peak measured in the same run."""
     from vlsafe.bench.limits import describe
     from vlsafe.bench.train import run as run_bench
 
     report = run_bench(llm, tower, steps=steps, batch_size=batch_size, max_length=max_length, dtype=dtype,
-                       peak_size=peak_size, rounds=rounds)
+                       peak_size=peak_size, rounds=rounds, stage=stage)
     if as_json:
         echo_json(report)
     else:
         ours, base = report["vlsafe"], report["transformers_trainer"]
-        print_table(f"train: stage 2, {llm} + {tower}, batch {batch_size}, {steps} steps, {report['precision']}; "
+        print_table(f"train: stage {2 if stage == 'full' else 1} ({stage}), {llm} + {tower}, batch {batch_size}, {steps} steps, {report['precision']}; "
                     f"{describe(report['peak'])}",
                      ["side", "tokens/s", "MFU", "tokens", "seconds", "final loss"],
                      [["vlsafe", ours["tokens_per_s"], f"{ours['mfu']:.1%}", ours["tokens"], ours["seconds"],
