@@ -47,7 +47,6 @@ def test_bench_train_needs_two_steps(capsys):
     assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--steps", "1"]) == 2
 
 
-
 def test_bench_train_stage_one_trains_the_projector_alone_on_both_sides(capsys, monkeypatch):
     """`--stage projector`: both sides train the projector on the captions with the LM frozen (the same losses step
     for step), and a token counts 4 x the LM's parameters (forward, then activation gradients only)."""
