@@ -72,8 +72,8 @@ def run_trainer(config, out: Path) -> dict:
 
     bundle = checkpoint.load(config.model)
     fmt = bundle.formatter(max_length=config.max_length)
-    trained = ("projector.",) if config.stage == "projector" else ("projector.", "language_model.")
-    for name, param in bundle.model.named_parameters():  # what the engine's stage trains
+    trained = stages.trainable_prefixes(stages.get_stage(config.stage), config)  # what the engine's stage trains
+    for name, param in bundle.model.named_parameters():
         param.requires_grad = name.startswith(trained)
     # the frozen tower stays in eval mode, as the engine keeps it: the Trainer's model.train() at every step would
     # put its BatchNorm layers (EfficientNet's) on batch statistics and update their running stats, another function

@@ -59,8 +59,8 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
         echo_json(report)
     else:
         ours, base = report["vlsafe"], report["transformers_trainer"]
-        print_table(f"train: stage {2 if stage == 'full' else 1} ({stage}), {llm} + {tower}, batch {batch_size}, {steps} steps, {report['precision']}; "
-                    f"{describe(report['peak'])}",
+        print_table(f"train: stage {2 if stage == 'full' else 1} ({stage}), {llm} + {tower}, batch {batch_size}, "
+                    f"{steps} steps, {report['precision']}; {describe(report['peak'])}",
                      ["side", "tokens/s", "MFU", "tokens", "seconds", "final loss"],
                      [["vlsafe", ours["tokens_per_s"], f"{ours['mfu']:.1%}", ours["tokens"], ours["seconds"],
                        ours["final_loss"]],
