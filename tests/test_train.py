@@ -442,6 +442,31 @@ def test_the_optimizer_is_fused_adamw_with_decay_only_on_matrices():
     assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]
 
 
+def test_projector_lr_gives_the_projector_its_own_learning_rate(work):
+    from vlsafe.model import checkpoint
+    from vlsafe.train import stages
+    from vlsafe.train.config import TrainConfig
+    from vlsafe.train.engine import make_optimizer
+
+    def lrs(**fields) -> dict[str, float]:
+        """Each trainable parameter's learning rate after the warm-up step, by name."""
+        config = TrainConfig(stage="full", model="pico", data=[{"path": "x.json"}], out="unused", lr=1e-5,
+                             batch_size=2, warmup_ratio=0.1, **fields)
+        model = stages.prepare_model(checkpoint.load(work / "vlm0").model, stages.get_stage("full"), config)
+        optimizer, scheduler, _ = make_optimizer(model, config, total_steps=10)
+        scheduler.step()
+        group_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in stages.plain_named_parameters(model) if p.requires_grad]
+        assert len(group_of) == len(named)  # every trainable parameter in exactly one group
+        return {n: group_of[id(p)] for n, p in named}
+
+    own = lrs(projector_lr=1e-3)
+    assert {n for n in own if n.startswith("projector.")} and {n for n in own if n.startswith("language_model.")}
+    assert all(lr == pytest.approx(1e-3) if n.startswith("projector.") else lr == pytest.approx(1e-5)
+               for n, lr in own.items())
+    assert all(lr == pytest.approx(1e-5) for lr in lrs().values())  # unset: one learning rate, as before
+
+
 def test_cpu_training_attention_is_eager_with_the_loss_and_gradients_of_sdpa(work, adapted):
     from vlsafe.data import formats
     from vlsafe.model import checkpoint

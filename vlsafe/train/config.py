@@ -77,6 +77,8 @@ class TrainConfig(Strict):
     out: str = Field(description="a new directory, or the directory of an interrupted run of this config (resumed)")
 
     lr: float = Field(gt=0, description="peak learning rate (AdamW)")
+    projector_lr: float | None = Field(None, gt=0, description="peak learning rate of the projector's weights "
+                                                               "(LLaVA's mm_projector_lr); null = lr")
     batch_size: int = Field(gt=0, description="global: examples per optimizer step over all processes and "
                                               "accumulation")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step on each process")

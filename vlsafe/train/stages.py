@@ -184,7 +184,7 @@ def prepare_model(model: torch.nn.Module, stage: Stage, config: TrainConfig) -> 
             raise VlsafeError(f"stage {stage.name!r} does not take LoRA")
         model = _add_lora(model, config, is_vlm=is_vlm)
     prefixes = trainable_prefixes(stage, config, is_vlm)
-    for name, param in _plain_named_parameters(model):
+    for name, param in plain_named_parameters(model):
         param.requires_grad_(name.startswith(prefixes) or (config.lora is not None and "lora_" in name))
     # a frozen module computes the function it will be evaluated with: no dropout noise in what is not trained
     model.train()
@@ -280,7 +280,7 @@ def plain_model(model) -> torch.nn.Module:
     return model.get_base_model() if is_lora(model) else model
 
 
-def _plain_named_parameters(model):
+def plain_named_parameters(model):
     """Parameter names as saved checkpoints spell them, with LoRA's `.base_layer` wrapper removed."""
     for name, param in plain_model(model).named_parameters():
         yield name.replace(".base_layer.", "."), param
