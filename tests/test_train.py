@@ -454,6 +454,7 @@ def test_projector_lr_gives_the_projector_its_own_learning_rate(work):
                              batch_size=2, warmup_ratio=0.1, **fields)
         model = stages.prepare_model(checkpoint.load(work / "vlm0").model, stages.get_stage("full"), config)
         optimizer, scheduler, _ = make_optimizer(model, config, total_steps=10)
+        optimizer.step()  # no gradients: nothing moves, the schedule advances past warm-up
         scheduler.step()
         group_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
         named = [(n, p) for n, p in stages.plain_named_parameters(model) if p.requires_grad]
