@@ -268,7 +268,7 @@ def test_bad_input_exits_2_and_leaves_no_output(work, capsys, overrides, message
     assert not (work / "bad-out").exists()
 
 
-def test_align_trains_a_text_only_llm(work):
+def test_align_trains_a_text_only_llm(work, capsys):
     records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
                for i, (q, a) in enumerate([("How do I boil an egg?", "Simmer it for eight minutes."),
                                            ("Name a primary colour.", "Blue."),
@@ -280,6 +280,12 @@ def test_align_trains_a_text_only_llm(work):
     losses = _losses(work / "align")
     assert losses[-1] < losses[0] - 0.5, losses
     assert json.loads((work / "align" / "final" / "config.json").read_text())["model_type"] == "llama"
+    # a projector's learning rate for a model without one: one line, exit 2, nothing written
+    capsys.readouterr()
+    assert main(["train", str(config), "projector_lr=1e-3", "out=" + str(work / "align-plr"), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "projector_lr" in error[0], error
+    assert not (work / "align-plr").exists()
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "train").glob("*.yaml")))
