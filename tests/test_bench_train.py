@@ -4,6 +4,7 @@ measured in the same run (its numbers are for the bench, not asserted here)."""
 import json
 
 import pytest
+import torch
 
 from vlsafe.cli import main
 
@@ -41,6 +42,9 @@ def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, 
         assert side["mfu"] == pytest.approx(side["tokens_per_s"] * report["flops_per_token"]
                                             / report["peak"]["bf16_flops"], rel=1e-2, abs=1e-4)
     assert report["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"], rel=1e-2)
+    ceiling = report["matmul_ceiling"]  # the LM's own matmuls timed alone, at vlsafe's tokens per step
+    assert ceiling["tokens"] == round(ours["tokens"] / ours["steps_timed"])
+    assert 0 < ceiling["mfu"] and ceiling["flops"] > 0
 
 
 def test_bench_train_needs_two_steps(capsys):
@@ -71,3 +75,31 @@ def test_bench_train_stage_one_trains_the_projector_alone_on_both_sides(capsys, 
 def test_bench_train_refuses_an_unknown_stage(capsys):
     assert main(["bench", "train", "--llm", "pico", "--tower", "pico", "--stage", "dpo"]) == 2
     assert "--stage 'dpo'" in capsys.readouterr().err
+
+
+def test_matmul_ceiling_covers_every_linear_layer_of_the_lm_and_its_products(monkeypatch):
+    """Every linear layer of the LM (the head too, not the tower or projector), grouped by shape; the ceiling's
+    FLOPs are each layer's products at the given rows (forward, activation gradient, weight gradient)."""
+    from vlsafe.bench import limits
+    from vlsafe.model import checkpoint
+
+    model = checkpoint.build_vlm("pico", "pico").model
+    shapes = limits.linear_shapes(model)
+    lm = model.language_model
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(shapes.values()) == len(linears) and (lm.config.hidden_size, lm.config.vocab_size) in shapes
+    assert sum(k * n * c for (k, n), c in shapes.items()) == sum(m.weight.numel() for m in linears)
+    timed, rate = [], limits.matmul_rate
+
+    def counted(m, k, n, *args, **kwargs):
+        timed.append((m, k, n))
+        return rate(m, k, n, *args, **kwargs)
+
+    monkeypatch.setattr(limits, "matmul_rate", counted)
+    ceiling = limits.matmul_ceiling(model, 7, torch.float32, products=3, size=32, seconds=0.01)
+    assert len(timed) == 6 * len(shapes) and set(timed[1::2]) == {(32, 32, 32)}  # each beside a square matmul
+    timed = timed[::2]
+    forward, activation_grad, weight_grad = timed[::3], timed[1::3], timed[2::3]
+    assert [(k, n) for _, k, n in forward] == list(shapes) and {m for m, _, _ in forward + activation_grad} == {7}
+    assert [(k, n) for _, n, k in activation_grad] == list(shapes) and {k for _, k, _ in weight_grad} == {7}
+    assert ceiling["tokens"] == 7 and ceiling["flops"] > 0 and ceiling["mfu"] > 0

@@ -18,10 +18,10 @@ import time
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
-    """FLOP/s of square `size` matmuls in `dtype`, the best of repeated timings over about `seconds`."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0, device: str = "cpu") -> float:
+    """FLOP/s of (m, k) x (k, n) matmuls in `dtype`, the best of repeated timings over about `seconds`."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b  # first call: allocation and kernel choice
     sync()
@@ -32,7 +32,41 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, devi
         sync()
         elapsed = time.perf_counter() - started
         best, spent = min(best, elapsed), spent + elapsed
-    return 2 * size ** 3 / best
+    return 2 * m * k * n / best
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
+    """FLOP/s of square `size` matmuls in `dtype`."""
+    return matmul_rate(size, size, size, dtype, seconds, device)
+
+
+def linear_shapes(model) -> dict[tuple[int, int], int]:
+    """{(in_features, out_features): how many}: the language model's linear layers, the LM head included."""
+    language_model = getattr(model, "language_model", model)
+    shapes: dict[tuple[int, int], int] = {}
+    for module in language_model.modules():
+        if isinstance(module, torch.nn.Linear):
+            key = (module.in_features, module.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+def matmul_ceiling(model, tokens: int, dtype: torch.dtype, products: int, size: int = 2048, seconds: float = 0.2,
+                   device: str = "cpu") -> dict:
+    """What the model's own matmuls reach on this machine: each linear layer's products for `tokens` rows, timed
+    alone and FLOP-weighted (`flops`), and as a share of square `size` matmuls (`mfu`): MFU cannot pass it even
+    with all the work between the matmuls free, since narrow layers (a 576-wide LM) run below a square matmul's
+    rate. `products` per layer: 1 forward; 2 adds the activation gradient (a frozen layer's backward); 3 adds the
+    weight gradient. Each product is timed beside a square matmul, so a host whose speed drifts (a shared cloud
+    CPU's bf16 rate moved 0.8-2.1 TFLOP/s between readings seconds apart) moves both alike."""
+    flops = spent = square_spent = 0.0
+    for (k, n), count in linear_shapes(model).items():
+        for m, inner, cols in [(tokens, k, n), (tokens, n, k), (k, tokens, n)][:products]:
+            work = 2 * m * inner * cols * count
+            flops += work
+            spent += work / matmul_rate(m, inner, cols, dtype, seconds, device)
+            square_spent += work / matmul_rate(size, size, size, dtype, seconds, device)
+    return {"tokens": tokens, "flops": round(flops / spent), "mfu": round(square_spent / spent, 4)}
 
 
 def peaks(size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict:

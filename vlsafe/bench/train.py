@@ -8,7 +8,10 @@ conversations) or `--stage projector` (stage 1: the projector alone on the capti
 pass computes activation gradients only, so a token costs 4 x the LM's parameters in FLOPs instead of 6 x).
 Throughput is input tokens (non-padding) per second over the steps after the first (which pays one-off costs). The
 matmul peak (fp32 and bf16) is measured in the same run, and MFU is reported against the bf16 peak (fp32 where the
-hardware has no native bf16; see limits.py).
+hardware has no native bf16; see limits.py), beside `matmul_ceiling`: the share of a square matmul's rate that the
+LM's own matmuls reach, timed alone at a step's token count, which no implementation passes (SmolLM2-135M's
+576-wide layers at about 1000 tokens, bf16, 2 threads of a shared Intel Xeon with AMX: 58% while its square bf16
+rate read 2.8 TFLOP/s, 75-85% while it read 0.8).
 
 A shared or throttled machine drifts between the two sides' minutes (one ratio on a 2-core cloud CPU ranged over
 1.07-1.28 in single runs of the same tree): `--rounds N` runs the pair N times, the order alternating (vlsafe
@@ -31,7 +34,7 @@ import torch
 from vlsafe.errors import VlsafeError
 
 
-# stage -> (corpus file, learning rate, FLOPs per token per LM parameter)
+# stage -> (corpus file, learning rate, FLOPs per token per LM parameter): 2 per matmul product of each parameter
 STAGES = {"full": ("stage2_instruct.json", 2e-5, 6), "projector": ("stage1_captions.json", 1e-3, 4)}
 
 
@@ -176,9 +179,13 @@ def run(llm: str, tower: str, steps: int = 4, batch_size: int = 8, lr: float | N
     for side in sides.values():
         side |= {"precision": precision,
                  "mfu": limits.mfu(side["tokens_per_s"], flops_per_token, limits.peak_flops(peak))}
+    # the matmuls of a step of the mean size (vlsafe's side: its input tokens per optimizer step)
+    step_tokens = max(1, round(sides["vlsafe"]["tokens"] / sides["vlsafe"]["steps_timed"]))
+    ceiling = limits.matmul_ceiling(vlm.model, step_tokens, precisions.torch_dtype(precision), STAGES[stage][2] // 2,
+                                    peak_size, device=device)
     return {"bench": "train", "stage": stage, "llm": llm, "tower": tower, "steps": steps, "batch_size": batch_size,
             "max_length": max_length, "threads": torch.get_num_threads(), "machine": machine(), "allocator": allocator,
             "precision": precision,
-            "peak": peak, "flops_per_token": flops_per_token, **sides,
+            "peak": peak, "flops_per_token": flops_per_token, "matmul_ceiling": ceiling, **sides,
             "ratio": round(sides["vlsafe"]["tokens_per_s"] / sides["transformers_trainer"]["tokens_per_s"], 3),
             "rounds": per_round}
