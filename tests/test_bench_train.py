@@ -44,7 +44,7 @@ def test_bench_train_reports_both_sides_on_the_same_tokens(capsys, monkeypatch, 
     assert report["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"], rel=1e-2)
     ceiling = report["matmul_ceiling"]  # the LM's own matmuls timed alone, at vlsafe's tokens per step
     assert ceiling["tokens"] == round(ours["tokens"] / ours["steps_timed"])
-    assert 0 < ceiling["mfu"] and ceiling["flops"] > 0
+    assert 0 < ceiling["share"] and ceiling["flops"] > 0
 
 
 def test_bench_train_needs_two_steps(capsys):
@@ -102,4 +102,4 @@ def test_matmul_ceiling_covers_every_linear_layer_of_the_lm_and_its_products(mon
     forward, activation_grad, weight_grad = timed[::3], timed[1::3], timed[2::3]
     assert [(k, n) for _, k, n in forward] == list(shapes) and {m for m, _, _ in forward + activation_grad} == {7}
     assert [(k, n) for _, n, k in activation_grad] == list(shapes) and {k for _, k, _ in weight_grad} == {7}
-    assert ceiling["tokens"] == 7 and ceiling["flops"] > 0 and ceiling["mfu"] > 0
+    assert ceiling["tokens"] == 7 and ceiling["flops"] > 0 and ceiling["share"] > 0

@@ -54,11 +54,11 @@ def linear_shapes(model) -> dict[tuple[int, int], int]:
 def matmul_ceiling(model, tokens: int, dtype: torch.dtype, products: int, size: int = 2048, seconds: float = 0.2,
                    device: str = "cpu") -> dict:
     """What the model's own matmuls reach on this machine: each linear layer's products for `tokens` rows, timed
-    alone and FLOP-weighted (`flops`), and as a share of square `size` matmuls (`mfu`): MFU cannot pass it even
-    with all the work between the matmuls free, since narrow layers (a 576-wide LM) run below a square matmul's
-    rate. `products` per layer: 1 forward; 2 adds the activation gradient (a frozen layer's backward); 3 adds the
-    weight gradient. Each product is timed beside a square matmul, so a host whose speed drifts (a shared cloud
-    CPU's bf16 rate moved 0.8-2.1 TFLOP/s between readings seconds apart) moves both alike."""
+    alone and FLOP-weighted (`flops`), and as a share of square `size` matmuls' rate (`share`): MFU cannot pass
+    it even with all the work between the matmuls free, since narrow layers (a 576-wide LM) run below a square
+    matmul's rate. `products` per layer: 1 forward; 2 adds the activation gradient (a frozen layer's backward); 3
+    adds the weight gradient. Each product is timed beside a square matmul, so a host whose speed drifts (a shared
+    cloud CPU's bf16 rate moved 0.8-2.1 TFLOP/s between readings seconds apart) moves both alike."""
     flops = spent = square_spent = 0.0
     for (k, n), count in linear_shapes(model).items():
         for m, inner, cols in [(tokens, k, n), (tokens, n, k), (k, tokens, n)][:products]:
@@ -66,7 +66,7 @@ def matmul_ceiling(model, tokens: int, dtype: torch.dtype, products: int, size: 
             flops += work
             spent += work / matmul_rate(m, inner, cols, dtype, seconds, device)
             square_spent += work / matmul_rate(size, size, size, dtype, seconds, device)
-    return {"tokens": tokens, "flops": round(flops / spent), "mfu": round(square_spent / spent, 4)}
+    return {"tokens": tokens, "flops": round(flops / spent), "share": round(square_spent / spent, 4)}
 
 
 def peaks(size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict:

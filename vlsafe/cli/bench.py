@@ -61,7 +61,7 @@ def bench_train(llm: str = typer.Option("smollm2-135m-instruct", "--llm"),
         ours, base = report["vlsafe"], report["transformers_trainer"]
         print_table(f"train: stage {2 if stage == 'full' else 1} ({stage}), {llm} + {tower}, batch {batch_size}, "
                     f"{steps} steps, {report['precision']}; {describe(report['peak'])}; the LM's own matmuls run at "
-                    f"{report['matmul_ceiling']['mfu']:.0%} of the square rate ({report['matmul_ceiling']['tokens']} "
+                    f"{report['matmul_ceiling']['share']:.0%} of the square rate ({report['matmul_ceiling']['tokens']} "
                     "tokens)",
                      ["side", "tokens/s", "MFU", "tokens", "seconds", "final loss"],
                      [["vlsafe", ours["tokens_per_s"], f"{ours['mfu']:.1%}", ours["tokens"], ours["seconds"],
