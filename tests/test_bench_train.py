@@ -89,17 +89,21 @@ def test_matmul_ceiling_covers_every_linear_layer_of_the_lm_and_its_products(mon
     linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     assert sum(shapes.values()) == len(linears) and (lm.config.hidden_size, lm.config.vocab_size) in shapes
     assert sum(k * n * c for (k, n), c in shapes.items()) == sum(m.weight.numel() for m in linears)
-    timed, rate = [], limits.matmul_rate
+    timed = []
 
-    def counted(m, k, n, *args, **kwargs):
+    def rate(m, k, n, *args, **kwargs):  # the square matmul runs at 4 GFLOP/s, every layer's product at 1
         timed.append((m, k, n))
-        return rate(m, k, n, *args, **kwargs)
+        return 4e9 if (m, k, n) == (32, 32, 32) else 1e9
 
-    monkeypatch.setattr(limits, "matmul_rate", counted)
+    monkeypatch.setattr(limits, "matmul_rate", rate)
     ceiling = limits.matmul_ceiling(model, 7, torch.float32, products=3, size=32, seconds=0.01)
+    assert ceiling == {"tokens": 7, "flops": 1e9, "share": 0.25}
     assert len(timed) == 6 * len(shapes) and set(timed[1::2]) == {(32, 32, 32)}  # each beside a square matmul
     timed = timed[::2]
     forward, activation_grad, weight_grad = timed[::3], timed[1::3], timed[2::3]
     assert [(k, n) for _, k, n in forward] == list(shapes) and {m for m, _, _ in forward + activation_grad} == {7}
     assert [(k, n) for _, n, k in activation_grad] == list(shapes) and {k for _, k, _ in weight_grad} == {7}
-    assert ceiling["tokens"] == 7 and ceiling["flops"] > 0 and ceiling["share"] > 0
+    # a frozen layer's backward (stage 1) times two products per layer, not the weight gradient
+    timed.clear()
+    limits.matmul_ceiling(model, 7, torch.float32, products=2, size=32, seconds=0.01)
+    assert len(timed) == 4 * len(shapes)

@@ -124,8 +124,7 @@ def make_optimizer(model, config: TrainConfig, total_steps: int):
         return config.projector_lr is not None and name.startswith("projector.")
 
     if config.projector_lr is not None and not any(own_lr(n) for n, _ in named):
-        raise VlsafeError("projector_lr is set, but this run trains no projector (a text LLM, or a stage that "
-                          "freezes it)")
+        raise VlsafeError("projector_lr is set, but the model has no projector (a text LLM)")
     groups = []
     for own, lr in ((True, config.projector_lr), (False, config.lr)):
         params = [p for n, p in named if own_lr(n) == own]
